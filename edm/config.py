@@ -1,0 +1,438 @@
+"""The configuration file: locate, parse, validate into frozen dataclasses.
+
+Every error names the key it is about (``amqp.prefetch: must be an integer >= 1``) so an
+operator can fix the file without reading code. Unknown keys are errors: a typo must not
+silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pwd
+import grp
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from edm.errors import ConfigError
+
+SYSTEM_CONFIG = Path("/etc/edm/mq.yaml")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True)
+class AmqpConfig:
+    url: tuple[str, ...] = ("amqp://guest:guest@127.0.0.1:5672/%2F",)
+    heartbeat: int = 60
+    retry_max: float = 30.0
+    exchange: str = "email"
+    exchange_type: str = "direct"
+    queue: str = "email"
+    routing_key: str = "email"
+    durable: bool = True
+    prefetch: int = 1
+    queue_arguments: Mapping[str, Any] = field(default_factory=dict)
+    handler: str = "edm.handlers:log_message"
+    max_retries: int = 3
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    dir: Path = Path("logs")
+    name: str = "edm"
+    level: str = "INFO"
+    keep_days: int = 0
+    fsync: bool = False
+    max_line: int = 0
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    pidfile: Path = Path("run/edm.pid")
+    user: str | None = None
+    group: str | None = None
+    umask: int = 0o077
+    stop_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str | None = None
+    pool_size: int = 8
+
+
+@dataclass(frozen=True)
+class FeeConfig:
+    enabled: bool = False
+    listen: str = "tcp://127.0.0.1:5555"
+    table: str = "fee"
+    spool: Path = Path("run/fee.spool")
+
+
+@dataclass(frozen=True)
+class PluginsConfig:
+    fee: FeeConfig = field(default_factory=FeeConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    amqp: AmqpConfig
+    log: LogConfig
+    daemon: DaemonConfig
+    database: DatabaseConfig
+    plugins: PluginsConfig
+    warnings: tuple[str, ...] = ()
+
+
+def find_config(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """Apply the lookup order: --config > $EDM_CONFIG > ./config/mq.yaml > /etc/edm/mq.yaml."""
+    if explicit:
+        return Path(explicit)
+    if environ.get("EDM_CONFIG"):
+        return Path(environ["EDM_CONFIG"])
+    local = Path("config/mq.yaml")
+    if local.exists():
+        return local
+    return SYSTEM_CONFIG
+
+
+class _NoDuplicatesLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and alias expansion (YAML bombs)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: ANN401 - yaml's API
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}: YAML aliases are not allowed")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # noqa: ANN401
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
+    """Read and validate ``path``; raise ConfigError naming the key on any problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    if len(text) > 1_000_000:
+        raise ConfigError(f"{path}: config file is larger than 1 MB")
+    try:
+        raw = yaml.load(text, Loader=_NoDuplicatesLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return parse(raw, path.resolve(), environ)
+
+
+def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] = os.environ) -> Config:
+    """Validate an already parsed document; relative paths resolve against ``path``'s directory."""
+    base = path.parent
+    sections = {"amqp", "log", "daemon", "database", "plugins"}
+    _reject_unknown("", raw, sections)
+    warnings: list[str] = []
+    amqp = _parse_amqp(_section(raw, "amqp"), environ)
+    log = _parse_log(_section(raw, "log"), base)
+    daemon = _parse_daemon(_section(raw, "daemon"), base)
+    database = _parse_database(_section(raw, "database"), environ)
+    plugins = _parse_plugins(_section(raw, "plugins"), base)
+    if plugins.fee.enabled and database.url is None:
+        raise ConfigError("database.url: required when plugins.fee.enabled is true")
+    return Config(path, amqp, log, daemon, database, plugins, tuple(warnings))
+
+
+def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: must be a mapping")
+    return value
+
+
+def _reject_unknown(prefix: str, raw: Mapping[str, Any], known: set[str]) -> None:
+    for key in raw:
+        if key not in known:
+            name = f"{prefix}{key}"
+            hint = ", ".join(sorted(known))
+            raise ConfigError(f"{name}: unknown key (expected one of: {hint})")
+
+
+def _keys(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _int(raw: Mapping[str, Any], key: str, prefix: str, default: int, minimum: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{prefix}.{key}: must be an integer >= {minimum}")
+    return value
+
+
+def _number(raw: Mapping[str, Any], key: str, prefix: str, default: float, minimum: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+        raise ConfigError(f"{prefix}.{key}: must be a number >= {minimum:g}")
+    if value != value or value == float("inf"):
+        raise ConfigError(f"{prefix}.{key}: must be a finite number")
+    return float(value)
+
+
+def _bool(raw: Mapping[str, Any], key: str, prefix: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{prefix}.{key}: must be true or false")
+    return value
+
+
+def _str(raw: Mapping[str, Any], key: str, prefix: str, default: str, max_len: int = 255) -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{prefix}.{key}: must be a non-empty string")
+    if len(value) > max_len:
+        raise ConfigError(f"{prefix}.{key}: must be at most {max_len} characters")
+    return value
+
+
+def _optional_str(raw: Mapping[str, Any], key: str, prefix: str) -> str | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{prefix}.{key}: must be a non-empty string or null")
+    return value
+
+
+def _path(raw: Mapping[str, Any], key: str, prefix: str, default: str, base: Path) -> Path:
+    value = raw.get(key, default)
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigError(f"{prefix}.{key}: must be a path")
+    path = Path(value)
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
+
+
+def check_amqp_url(url: str, key: str = "amqp.url") -> str:
+    """Accept amqp:// and amqps:// URLs with a host; the error never shows the password."""
+    from edm.broker import mask_url
+
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"{key}: must be an amqp:// URL or a list of them")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{key}: invalid URL {mask_url(url)}") from None
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ConfigError(f"{key}: {mask_url(url)} must start with amqp:// or amqps://")
+    if not parts.hostname:
+        raise ConfigError(f"{key}: {mask_url(url)} names no host")
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"{key}: {mask_url(url)} has an invalid port")
+    return url
+
+
+def _parse_amqp(raw: Mapping[str, Any], environ: Mapping[str, str]) -> AmqpConfig:
+    _reject_unknown("amqp.", raw, _keys(AmqpConfig))
+    d = AmqpConfig()
+    url_value: Any = environ.get("EDM_AMQP_URL") or raw.get("url", list(d.url))
+    key = "EDM_AMQP_URL" if environ.get("EDM_AMQP_URL") else "amqp.url"
+    if isinstance(url_value, str):
+        urls = [u.strip() for u in url_value.split(",")] if key == "EDM_AMQP_URL" else [url_value]
+    elif isinstance(url_value, list) and url_value:
+        urls = url_value
+    else:
+        raise ConfigError(f"{key}: must be an amqp:// URL or a non-empty list of them")
+    checked = tuple(check_amqp_url(u, key) for u in urls)
+    exchange_type = raw.get("exchange_type", d.exchange_type)
+    if exchange_type not in ("direct", "fanout", "topic", "headers"):
+        raise ConfigError("amqp.exchange_type: must be one of direct, fanout, topic, headers")
+    qargs = raw.get("queue_arguments", {}) or {}
+    if not isinstance(qargs, dict) or not all(isinstance(k, str) for k in qargs):
+        raise ConfigError("amqp.queue_arguments: must be a mapping of argument names to values")
+    handler = _str(raw, "handler", "amqp", d.handler)
+    if handler.count(":") != 1 or not all(handler.split(":")):
+        raise ConfigError(f"amqp.handler: {handler!r} must look like 'module:function'")
+    return AmqpConfig(
+        url=checked,
+        heartbeat=_int(raw, "heartbeat", "amqp", d.heartbeat, 0),
+        retry_max=_number(raw, "retry_max", "amqp", d.retry_max, 0.1),
+        exchange=_str(raw, "exchange", "amqp", d.exchange),
+        exchange_type=exchange_type,
+        queue=_str(raw, "queue", "amqp", d.queue),
+        routing_key=_str(raw, "routing_key", "amqp", d.routing_key),
+        durable=_bool(raw, "durable", "amqp", d.durable),
+        prefetch=_int(raw, "prefetch", "amqp", d.prefetch, 1),
+        queue_arguments=dict(qargs),
+        handler=handler,
+        max_retries=_int(raw, "max_retries", "amqp", d.max_retries, 0),
+    )
+
+
+def _parse_log(raw: Mapping[str, Any], base: Path) -> LogConfig:
+    _reject_unknown("log.", raw, _keys(LogConfig))
+    d = LogConfig()
+    name = _str(raw, "name", "log", d.name)
+    if "/" in name or name.startswith("."):
+        raise ConfigError("log.name: must be a plain file name prefix (no '/', no leading '.')")
+    level = raw.get("level", d.level)
+    if not isinstance(level, str) or level.upper() not in LEVELS:
+        raise ConfigError(f"log.level: must be one of {', '.join(LEVELS)}")
+    return LogConfig(
+        dir=_path(raw, "dir", "log", "../logs", base),
+        name=name,
+        level=level.upper(),
+        keep_days=_int(raw, "keep_days", "log", d.keep_days, 0),
+        fsync=_bool(raw, "fsync", "log", d.fsync),
+        max_line=_int(raw, "max_line", "log", d.max_line, 0),
+    )
+
+
+def _parse_daemon(raw: Mapping[str, Any], base: Path) -> DaemonConfig:
+    _reject_unknown("daemon.", raw, _keys(DaemonConfig))
+    d = DaemonConfig()
+    umask_value = raw.get("umask", "077")
+    if isinstance(umask_value, int) and not isinstance(umask_value, bool):
+        umask_value = f"{umask_value:03d}" if umask_value < 1000 else "x"
+    if not isinstance(umask_value, str) or not umask_value.isdigit():
+        raise ConfigError('daemon.umask: must be an octal string such as "077"')
+    try:
+        umask = int(umask_value, 8)
+    except ValueError:
+        raise ConfigError('daemon.umask: must be an octal string such as "077"') from None
+    if umask > 0o777:
+        raise ConfigError('daemon.umask: must be between "000" and "777"')
+    user = _optional_str(raw, "user", "daemon")
+    group = _optional_str(raw, "group", "daemon")
+    if user is not None:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise ConfigError(f"daemon.user: no such user {user!r}") from None
+    if group is not None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise ConfigError(f"daemon.group: no such group {group!r}") from None
+    return DaemonConfig(
+        pidfile=_path(raw, "pidfile", "daemon", "../run/edm.pid", base),
+        user=user,
+        group=group,
+        umask=umask,
+        stop_timeout=_number(raw, "stop_timeout", "daemon", d.stop_timeout, 0.1),
+    )
+
+
+def _parse_database(raw: Mapping[str, Any], environ: Mapping[str, str]) -> DatabaseConfig:
+    _reject_unknown("database.", raw, _keys(DatabaseConfig))
+    url = environ.get("EDM_DATABASE_URL") or _optional_str(raw, "url", "database")
+    key = "EDM_DATABASE_URL" if environ.get("EDM_DATABASE_URL") else "database.url"
+    if url is not None:
+        check_database_url(url, key)
+    return DatabaseConfig(url=url, pool_size=_int(raw, "pool_size", "database", 8, 1))
+
+
+def check_database_url(url: str, key: str = "database.url") -> str:
+    """Accept mysql://user:pass@host[:port]/db and sqlite:///path; never echo the password."""
+    from edm.broker import mask_url
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{key}: invalid URL {mask_url(url)}") from None
+    if parts.scheme == "sqlite":
+        if parts.netloc or not parts.path or parts.path == "/":
+            raise ConfigError(f"{key}: {mask_url(url)} must look like sqlite:///path/to/file.db")
+    elif parts.scheme == "mysql":
+        if not parts.hostname or not parts.path.strip("/"):
+            raise ConfigError(f"{key}: {mask_url(url)} must look like mysql://user:pass@host/db")
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError(f"{key}: {mask_url(url)} has an invalid port")
+    else:
+        raise ConfigError(f"{key}: {mask_url(url)} must start with mysql:// or sqlite:///")
+    return url
+
+
+def _parse_plugins(raw: Mapping[str, Any], base: Path) -> PluginsConfig:
+    _reject_unknown("plugins.", raw, {"fee"})
+    fee_raw = raw.get("fee") or {}
+    if not isinstance(fee_raw, dict):
+        raise ConfigError("plugins.fee: must be a mapping")
+    _reject_unknown("plugins.fee.", fee_raw, _keys(FeeConfig))
+    d = FeeConfig()
+    table = _str(fee_raw, "table", "plugins.fee", d.table, 64)
+    if not table.replace("_", "a").isalnum() or not table.isascii() or table[0].isdigit():
+        raise ConfigError("plugins.fee.table: must be a plain SQL identifier (letters, digits, _)")
+    listen = _str(fee_raw, "listen", "plugins.fee", d.listen)
+    if not listen.startswith(("tcp://", "ipc://", "inproc://")):
+        raise ConfigError("plugins.fee.listen: must be a ZeroMQ endpoint such as tcp://127.0.0.1:5555")
+    return PluginsConfig(
+        fee=FeeConfig(
+            enabled=_bool(fee_raw, "enabled", "plugins.fee", d.enabled),
+            listen=listen,
+            table=table,
+            spool=_path(fee_raw, "spool", "plugins.fee", "../run/fee.spool", base),
+        )
+    )
+
+
+def load_handler(spec: str) -> Callable[..., Any]:
+    """Import ``module:function``; raise ConfigError naming amqp.handler when it cannot."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a config problem
+        raise ConfigError(f"amqp.handler: cannot import {module_name!r}: {exc}") from None
+    func = getattr(module, attr, None)
+    if not callable(func):
+        raise ConfigError(f"amqp.handler: {module_name!r} has no callable {attr!r}")
+    return func
+
+
+def password_warning(config: Config) -> str | None:
+    """A warning when the file holds a password and others can read it."""
+    try:
+        mode = config.path.stat().st_mode
+        text = config.path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    has_password = any(
+        (urlsplit(u).password or "") for u in _urls_in(text)
+    )
+    if has_password and mode & 0o044:
+        return (
+            f"{config.path}: holds a password and is readable by group or others "
+            f"(mode {mode & 0o777:04o}); chmod 600 it"
+        )
+    return None
+
+
+def _urls_in(text: str) -> list[str]:
+    urls = []
+    for token in text.replace('"', " ").replace("'", " ").replace(",", " ").split():
+        if "://" in token:
+            try:
+                urlsplit(token).password  # noqa: B018 - raises on a malformed port
+            except ValueError:
+                continue
+            urls.append(token)
+    return urls

@@ -1,0 +1,237 @@
+"""Daily log files and the message-line escaping.
+
+Every line is one ``os.write`` to a file opened with O_APPEND, so the supervisor and its
+workers can share a day's file without interleaving. The file's date is taken when each
+line is written, so a line written after midnight lands in the next day's file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edm.broker import mask_text
+
+Clock = Callable[[], float]
+
+_FILE_RE = re.compile(r"^(?P<name>.+)\.(?P<date>\d{4}-\d{2}-\d{2})\.log$")
+
+
+def _escape_table() -> dict[int, str]:
+    table: dict[int, str] = {ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+    for code in list(range(0x00, 0x20)) + [0x7F]:
+        table.setdefault(code, f"\\x{code:02x}")
+    for code in range(0x80, 0xA0):
+        table[code] = f"\\u{code:04x}"
+    # Bytes that are not valid UTF-8 arrive as lone surrogates U+DC80..U+DCFF
+    # (errors="surrogateescape"); they are written as the original byte.
+    for byte in range(0x80, 0x100):
+        table[0xDC00 + byte] = f"\\x{byte:02x}"
+    return table
+
+
+_ESCAPES = _escape_table()
+_PLAIN = re.compile(r"[\x20-\x5b\x5d-\x7e]*\Z")
+
+
+def escape_body(body: bytes) -> str:
+    """Escape a message body so that it fits on one log line (see the contract's §5)."""
+    text = body.decode("utf-8", "surrogateescape")
+    if text.isascii() and _PLAIN.match(text):
+        return text
+    return text.translate(_ESCAPES)
+
+
+_UNESCAPE = re.compile(r"\\(x[0-9a-f]{2}|u00[89][0-9a-f]|[\\nrt])")
+
+
+def unescape_body(line: str) -> bytes:
+    """The inverse of escape_body: the original bytes of an escaped body."""
+    out = bytearray()
+    pos = 0
+    for m in _UNESCAPE.finditer(line):
+        out += line[pos : m.start()].encode("utf-8")
+        code = m.group(1)
+        if code[0] == "x":
+            out.append(int(code[1:], 16))
+        elif code[0] == "u":
+            out += chr(int(code[1:], 16)).encode("utf-8")
+        else:
+            out += {"\\": b"\\", "n": b"\n", "r": b"\r", "t": b"\t"}[code]
+        pos = m.end()
+    out += line[pos:].encode("utf-8")
+    return bytes(out)
+
+
+def cut_escaped(escaped: str, body: bytes, max_line: int) -> str:
+    """Cut an escaped body past ``max_line`` bytes and say what was cut."""
+    if max_line <= 0:
+        return escaped
+    encoded = escaped.encode("utf-8")
+    if len(encoded) <= max_line:
+        return escaped
+    head = encoded[:max_line].decode("utf-8", "ignore")
+    digest = hashlib.sha256(body).hexdigest()
+    return f"{head} …[cut: {len(body)} bytes, sha256 {digest}]"
+
+
+def format_time(now: float) -> str:
+    """``YYYY-MM-DD HH:MM:SS,mmm`` in local time."""
+    t = time.localtime(now)
+    return time.strftime("%Y-%m-%d %H:%M:%S", t) + f",{int(now * 1000) % 1000:03d}"
+
+
+class DailyLog:
+    """Writes whole lines to ``<dir>/<name>.<YYYY-MM-DD>.log``, switching files at midnight."""
+
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        *,
+        keep_days: int = 0,
+        fsync: bool = False,
+        clock: Clock = time.time,
+    ) -> None:
+        self.directory = directory
+        self.name = name
+        self.keep_days = keep_days
+        self.fsync = fsync
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._date = ""
+        self._second = -1
+        self._stamp = ""
+
+    def path_for(self, date: str) -> Path:
+        return self.directory / f"{self.name}.{date}.log"
+
+    @property
+    def current_path(self) -> Path:
+        return self.path_for(dt.date.fromtimestamp(self.clock()).isoformat())
+
+    def open(self) -> None:
+        """Open today's file now, so that a start fails early when the log is not writable."""
+        with self._lock:
+            self._switch(dt.date.fromtimestamp(self.clock()).isoformat())
+
+    def reopen(self) -> None:
+        """Close and reopen the file (SIGUSR1, after logrotate moved it)."""
+        with self._lock:
+            self._close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def write(self, level: str, text: str) -> None:
+        """Write one record; the caller guarantees ``text`` holds no newline."""
+        now = self.clock()
+        second = int(now)
+        with self._lock:
+            if second != self._second:
+                t = time.localtime(now)
+                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", t)
+                date = self._stamp[:10]
+                self._second = second
+                if date != self._date or self._fd < 0:
+                    self._switch(date)
+            elif self._fd < 0:
+                self._switch(self._date or dt.date.fromtimestamp(now).isoformat())
+            data = f"{self._stamp},{int(now * 1000) % 1000:03d} {level} {text}\n".encode(
+                "utf-8", "surrogateescape"
+            )
+            _write_all(self._fd, data)
+            if self.fsync:
+                os.fsync(self._fd)
+
+    def _switch(self, date: str) -> None:
+        self._close()
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._fd = os.open(
+            self.path_for(date),
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
+        )
+        changed_day = self._date != date
+        self._date = date
+        if changed_day and self.keep_days > 0:
+            self.prune(date)
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._second = -1
+
+    def prune(self, today: str) -> list[Path]:
+        """Delete this log's daily files dated more than keep_days before ``today``."""
+        limit = dt.date.fromisoformat(today) - dt.timedelta(days=self.keep_days)
+        removed = []
+        try:
+            entries = list(self.directory.iterdir())
+        except OSError:
+            return removed
+        for entry in entries:
+            m = _FILE_RE.match(entry.name)
+            if not m or m.group("name") != self.name:
+                continue
+            try:
+                date = dt.date.fromisoformat(m.group("date"))
+            except ValueError:
+                continue
+            if date < limit:
+                try:
+                    entry.unlink()
+                    removed.append(entry)
+                except OSError:
+                    pass
+        return removed
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class DailyLogHandler(logging.Handler):
+    """A logging handler that writes records to a DailyLog, one line each, passwords masked."""
+
+    def __init__(self, daily: DailyLog, secrets: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.daily = daily
+        self.secrets = secrets
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            text = mask_text(text, self.secrets)
+            if "\n" in text or "\r" in text:
+                text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+            self.daily.write(record.levelname, text)
+        except Exception:  # noqa: BLE001 - logging must never take the daemon down
+            self.handleError(record)
+
+
+def setup_logging(daily: DailyLog, level: str, secrets: tuple[str, ...] = ()) -> DailyLogHandler:
+    """Route the ``edm`` loggers (and pika's warnings) to the daily file."""
+    handler = DailyLogHandler(daily, secrets)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    return handler
