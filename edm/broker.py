@@ -14,6 +14,9 @@ from edm.errors import BrokerError
 _PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?=@)")
 
 
+_URL = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:\*\*\*@\S*)")
+
+
 def mask_url(url: str) -> str:
     """Hide the password of a URL: amqp://guest:***@host:5672/%2F."""
     return _PASSWORD.sub(lambda m: m.group("head") + "***", url)
@@ -22,10 +25,15 @@ def mask_url(url: str) -> str:
 def mask_text(text: str, secrets: Iterable[str] = ()) -> str:
     """Mask every URL password in ``text`` and any of the given secret strings."""
     text = mask_url(text)
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+    secrets = [s for s in secrets if s]
+    if not secrets:
+        return text
+    # URLs are already masked; a user name that equals the password stays readable there.
+    pieces = _URL.split(text)
+    for i in range(0, len(pieces), 2):
+        for secret in secrets:
+            pieces[i] = pieces[i].replace(secret, "***")
+    return "".join(pieces)
 
 
 def parameters(url: str, heartbeat: int | None = None) -> pika.URLParameters:

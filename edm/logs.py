@@ -111,6 +111,15 @@ class DailyLog:
         self._second = -1
         self._stamp = ""
 
+    def reconfigure(self, directory: Path, name: str, *, keep_days: int, fsync: bool) -> None:
+        """Switch to another directory or name (reload); the next line goes to the new file."""
+        with self._lock:
+            if (directory, name) != (self.directory, self.name):
+                self._close()
+                self._date = ""
+            self.directory, self.name = directory, name
+            self.keep_days, self.fsync = keep_days, fsync
+
     def path_for(self, date: str) -> Path:
         return self.directory / f"{self.name}.{date}.log"
 

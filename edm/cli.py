@@ -1,0 +1,336 @@
+"""The command line: argument parsing, exit codes, dispatch. No daemon logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from edm import __version__
+from edm.broker import mask_text
+from edm.config import Config, find_config, load, load_handler, password_warning
+from edm.errors import ConfigError, EdmError, PidfileError
+from edm.pidfile import PidState, read_status
+from edm.state import read_state, status_path
+
+# Exit codes, LSB where the init script passes them through.
+OK = 0
+FAILURE = 1
+USAGE = 2
+STATUS_DEAD = 1
+STATUS_NOT_RUNNING = 3
+STATUS_UNKNOWN = 4
+NOT_RUNNING = 7
+
+START_TIMEOUT = 60.0
+
+
+def _err(message: str) -> None:
+    print(f"edm: {mask_text(message)}", file=sys.stderr)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load(find_config(args.config))
+
+
+def _check_startable(config: Config) -> None:
+    """What can be found out before forking: a handler that cannot be imported, a user switch."""
+    from edm.daemon import resolve_identity
+
+    load_handler(config.amqp.handler)
+    resolve_identity(config.daemon.user, config.daemon.group)
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from edm.daemon import detach
+    from edm.runner import serve
+
+    config = _load(args)
+    status = read_status(config.daemon.pidfile)
+    if status.state is PidState.RUNNING:
+        print(f"edm is already running (pid {status.pid})")
+        return OK
+    _check_startable(config)
+    for warning in config.warnings:
+        print(f"edm: warning: {warning}", file=sys.stderr)
+    try:
+        pid = detach(config.daemon.umask, lambda report: serve(config, report), START_TIMEOUT)
+    except EdmError as exc:
+        if str(exc).startswith("edm is already running"):
+            print(exc)
+            return OK
+        raise
+    print(f"edm started (pid {pid})")
+    return OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edm.runner import serve
+
+    config = _load(args)
+    _check_startable(config)
+    failure: list[str] = []
+
+    def report(message: bytes) -> None:
+        from edm.daemon import READY
+
+        if not message.startswith(READY):
+            failure.append(message.decode("utf-8", "replace"))
+
+    code = serve(config, report)
+    if failure:
+        _err(failure[0])
+        return FAILURE
+    return code
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie waiting for its reaper counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    config = _load(args)
+    pidfile = config.daemon.pidfile
+    status = read_status(pidfile)
+    if status.state is PidState.ABSENT:
+        print("edm is not running")
+        return OK
+    if status.state is PidState.STALE:
+        _remove_stale(pidfile)
+        print(f"edm is not running (removed the stale pidfile of pid {status.pid})")
+        return OK
+    pid = status.pid
+    if pid is None:
+        _err(f"{pidfile} is locked but holds no pid; cannot stop")
+        return FAILURE
+    workers = _worker_pids(config)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        _err(f"not allowed to signal pid {pid} (run as its user or root)")
+        return FAILURE
+    timeout = config.daemon.stop_timeout
+    if _wait_stopped(pidfile, pid, timeout + 2):
+        print("edm stopped")
+        return OK
+    message = f"edm (pid {pid}) did not stop within {timeout:g} s; sending SIGKILL"
+    _err(message)
+    _log_line(config, "WARNING", message + ".")
+    for victim in [pid, *workers]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if _wait_stopped(pidfile, pid, 5):
+        _remove_stale(pidfile)
+        print("edm killed")
+        return OK
+    _err(f"edm (pid {pid}) could not be stopped")
+    return FAILURE
+
+
+def _wait_stopped(pidfile: Path, pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if read_status(pidfile).state is not PidState.RUNNING and not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _remove_stale(pidfile: Path) -> None:
+    if read_status(pidfile).state is PidState.STALE:
+        try:
+            pidfile.unlink()
+        except OSError:
+            pass
+
+
+def _worker_pids(config: Config) -> list[int]:
+    state = read_state(status_path(config.daemon.pidfile)) or {}
+    pids = []
+    for worker in (state.get("workers") or {}).values():
+        if isinstance(worker, dict) and isinstance(worker.get("pid"), int):
+            pids.append(worker["pid"])
+    return pids
+
+
+def _log_line(config: Config, level: str, text: str) -> None:
+    from edm.logs import DailyLog
+
+    try:
+        DailyLog(config.log.dir, config.log.name).write(level, text)
+    except OSError:
+        pass
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    code = cmd_stop(args)
+    if code != OK:
+        return code
+    return cmd_start(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args)
+        status = read_status(config.daemon.pidfile)
+    except (ConfigError, PidfileError) as exc:
+        _err(str(exc))
+        if args.json:
+            print(json.dumps({"status": "unknown", "error": mask_text(str(exc))}))
+        return STATUS_UNKNOWN
+    state = read_state(status_path(config.daemon.pidfile)) if status.state is PidState.RUNNING else None
+    if status.state is PidState.RUNNING:
+        code, first = OK, f"edm is running (pid {status.pid})"
+    elif status.state is PidState.STALE:
+        code, first = STATUS_DEAD, f"edm is dead but pidfile exists (pid {status.pid})"
+    else:
+        code, first = STATUS_NOT_RUNNING, "edm is not running"
+    if args.json:
+        doc: dict[str, Any] = {"status": status.state.value, "pid": status.pid, "exit_code": code}
+        if state is not None:
+            doc.update({k: v for k, v in state.items() if k != "pid"})
+        print(json.dumps(doc, sort_keys=True, default=str))
+        return code
+    print(first)
+    if state is not None:
+        for line in _describe_state(state):
+            print(line)
+    return code
+
+
+def _describe_state(state: dict[str, Any]) -> list[str]:
+    lines = []
+    started = state.get("started")
+    if isinstance(started, (int, float)):
+        lines.append(f"  uptime: {_duration(time.time() - started)}")
+    workers = state.get("workers") or {}
+    for name, w in sorted(workers.items()):
+        if not isinstance(w, dict):
+            continue
+        parts = [f"  {name}: {w.get('state', '?')}"]
+        if w.get("pid"):
+            parts.append(f"pid {w['pid']}")
+        if w.get("activity"):
+            parts.append(str(w["activity"]))
+        for key in ("handled", "dead_lettered", "restarts"):
+            if key in w:
+                parts.append(f"{key.replace('_', ' ')} {w[key]}")
+        if w.get("broker"):
+            parts.append(f"broker {w['broker']}")
+        if w.get("last_error"):
+            parts.append(f"last error: {w['last_error']}")
+        lines.append(", ".join(parts))
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    config = _load(args)
+    load_handler(config.amqp.handler)
+    status = read_status(config.daemon.pidfile)
+    if status.state is not PidState.RUNNING or status.pid is None:
+        print("edm is not running")
+        return NOT_RUNNING
+    try:
+        os.kill(status.pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print("edm is not running")
+        return NOT_RUNNING
+    except PermissionError:
+        _err(f"not allowed to signal pid {status.pid}")
+        return FAILURE
+    print(f"edm reloading (pid {status.pid})")
+    return OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    load_handler(config.amqp.handler)
+    warnings = list(config.warnings)
+    pw = password_warning(config)
+    if pw:
+        warnings.append(pw)
+    for warning in warnings:
+        print(f"warning: {mask_text(warning)}")
+    print(f"{config.path}: OK")
+    return OK
+
+
+# -- parsing -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edm", description="Consume e-mail jobs from RabbitMQ; receive trade fees over ZeroMQ."
+    )
+    parser.add_argument("--config", metavar="PATH", help="config file (default: $EDM_CONFIG, ...)")
+    parser.add_argument("--version", action="version", version=f"edm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("start", help="start the daemon in the background")
+    sub.add_parser("stop", help="stop the daemon gracefully (SIGKILL after daemon.stop_timeout)")
+    sub.add_parser("restart", help="stop, then start")
+    status = sub.add_parser("status", help="report whether edm runs (LSB exit codes)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("reload", help="validate the config, then SIGHUP the daemon")
+    sub.add_parser("run", help="run in the foreground (systemd, containers)")
+    sub.add_parser("check-config", help="validate the config and print problems")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "start": cmd_start,
+    "stop": cmd_stop,
+    "restart": cmd_restart,
+    "status": cmd_status,
+    "reload": cmd_reload,
+    "run": cmd_run,
+    "check-config": cmd_check_config,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except EdmError as exc:
+        _err(str(exc))
+        return FAILURE
+    except KeyboardInterrupt:
+        return FAILURE
+    except Exception as exc:  # noqa: BLE001 - never a traceback for the operator
+        if os.environ.get("EDM_DEBUG"):
+            raise
+        _err(f"unexpected error ({type(exc).__name__}): {exc}")
+        return FAILURE

@@ -1,0 +1,423 @@
+"""The AMQP consumer: connect, declare, consume, hand each message to the handler, ack.
+
+It follows pika's reconnecting asynchronous consumer: one SelectConnection I/O loop owns
+the socket, so heartbeats go on while the handler runs in its own thread; the handler's
+outcome comes back through ``add_callback_threadsafe`` and the ack is sent from the loop.
+A message is acked only after its handler returned. Every channel gets a generation number:
+an outcome that comes back for an older channel is not acked (the broker redelivers it).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.channel
+import pika.exceptions
+import pika.frame
+import pika.spec
+from pika.adapters.select_connection import IOLoop, SelectConnection
+
+from edm.broker import describe, mask_url, parameters
+from edm.config import AmqpConfig
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["Message"], object]
+Emit = Callable[[dict[str, Any]], None]
+
+RETRY_DELAY = 0.2  # seconds before the first retry of a failing handler; doubles each time
+RETRY_DELAY_MAX = 5.0
+
+
+@dataclass(frozen=True)
+class Message:
+    """What a handler receives."""
+
+    body: bytes
+    headers: dict[str, Any]
+    routing_key: str
+    redelivered: bool
+    properties: pika.BasicProperties = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Delivery:
+    generation: int
+    tag: int
+    message: Message
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    kind: str  # "ok" | "skip" | "requeue" | "dead"
+    error: str = ""
+    attempts: int = 0
+
+
+class Consumer:
+    """Consumes ``amqp.queue`` until stopped; survives connection loss on its own."""
+
+    def __init__(self, amqp: AmqpConfig, handler: Handler, emit: Emit, ioloop: IOLoop | None = None) -> None:
+        self.amqp = amqp
+        self.handler = handler
+        self.ioloop = ioloop or IOLoop()
+        self._emit = emit
+        self._connection: SelectConnection | None = None
+        self._channel: pika.channel.Channel | None = None
+        self._consumer_tag: str | None = None
+        self._generation = 0
+        self._url_index = 0
+        self._round = 0
+        self._reconnect_timer: object | None = None
+        self._state = "starting"
+        self._stopping = False
+        self._pending: tuple[AmqpConfig, Handler] | None = None
+        self._draining = threading.Event()
+        self._halt = threading.Event()
+        self._unfinished = 0
+        self._publish_seq = 0
+        self._dead_pending: dict[int, tuple[int, int, _Outcome]] = {}
+        self._work: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work_loop, name="edm-handler", daemon=True)
+        self.handled = 0
+        self.dead = 0
+        self.connected_url: str | None = None
+        self.since = time.time()
+
+    # -- public, called from the I/O loop's thread -------------------------------------------
+
+    def start(self) -> None:
+        """Start the handler thread and the first connection attempt."""
+        self._thread.start()
+        self._connect()
+
+    def run(self) -> None:
+        """Run the I/O loop until ``stop`` has finished; then join the handler thread."""
+        self.ioloop.start()
+        self._halt.set()
+        self._work.put(None)
+        self._thread.join(timeout=5)
+
+    def stop(self) -> None:
+        """Graceful stop: finish the message in hand, ack it, close cleanly, end ``run``."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("Stopping the consumer after the message in hand.")
+        self._drain()
+
+    def reload(self, amqp: AmqpConfig, handler: Handler) -> None:
+        """Apply new AMQP settings: drain, close, reconnect with them. Nothing is lost."""
+        if amqp == self.amqp and handler is self.handler:
+            return
+        self._pending = (amqp, handler)
+        log.info("Applying new AMQP settings (queue %s).", amqp.queue)
+        self._drain()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "state": self._state,
+            "handled": self.handled,
+            "dead_lettered": self.dead,
+            "queue": self.amqp.queue,
+            "broker": mask_url(self.connected_url) if self.connected_url else None,
+            "since": self.since,
+        }
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        if state != self._state:
+            self._state = state
+            self.since = time.time()
+            self._emit(self.snapshot())
+
+    def _connect(self) -> None:
+        self._reconnect_timer = None
+        urls = self.amqp.url
+        url = urls[self._url_index % len(urls)]
+        self._set_state("connecting")
+        log.debug("Connecting to %s.", mask_url(url))
+        self._connection = SelectConnection(
+            parameters(url, self.amqp.heartbeat),
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_closed,
+            custom_ioloop=self.ioloop,
+        )
+        self._connection_url = url
+
+    def _on_open(self, connection: SelectConnection) -> None:
+        self.connected_url = self._connection_url
+        log.info("Connected to %s.", mask_url(self._connection_url))
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_open_error(self, connection: SelectConnection, error: BaseException | str) -> None:
+        reason = describe(error) if isinstance(error, BaseException) else mask_url(str(error))
+        log.warning("Cannot connect to %s: %s.", mask_url(self._connection_url), reason)
+        self._connection = None
+        self._after_close()
+
+    def _on_closed(self, connection: SelectConnection, reason: BaseException) -> None:
+        self._connection = None
+        self._channel = None
+        self._consumer_tag = None
+        self._generation += 1
+        if self._stopping or self._pending is not None:
+            log.info("Closed the connection to %s.", mask_url(self._connection_url))
+        else:
+            log.warning("Lost the connection to %s: %s.", mask_url(self._connection_url), describe(reason))
+        self.connected_url = None
+        self._after_close()
+
+    def _after_close(self) -> None:
+        self._fail_dead_pending()
+        if self._stopping:
+            self._set_state("stopped")
+            self.ioloop.stop()
+            return
+        if self._pending is not None:
+            self.amqp, self.handler = self._pending
+            self._pending = None
+            self._draining.clear()
+            self._url_index = 0
+            self._round = 0
+            self._connect()
+            return
+        self._draining.clear()
+        self._url_index += 1
+        if self._url_index % len(self.amqp.url):
+            self._connect()  # try the next URL of this round at once
+            return
+        delay = min(self.amqp.retry_max, 0.25 * 2**self._round)
+        self._round += 1
+        self._set_state("backing off")
+        log.info("Reconnecting in %.1f s.", delay)
+        self._reconnect_timer = self.ioloop.call_later(delay, self._connect)
+
+    def _drain(self) -> None:
+        """Stop taking messages; close once the one in hand is finished."""
+        self._draining.set()
+        if self._connection is None:
+            if self._reconnect_timer is not None:
+                self.ioloop.remove_timeout(self._reconnect_timer)
+            self._after_close()
+            return
+        self._set_state("draining")
+        if self._channel is not None and self._channel.is_open and self._consumer_tag:
+            self._channel.basic_cancel(self._consumer_tag)
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        if self._draining.is_set() and self._unfinished == 0 and self._connection is not None:
+            if self._connection.is_open:
+                self._connection.close()
+            elif self._connection.is_closed:
+                self._on_closed(self._connection, pika.exceptions.ConnectionClosedByClient(200, "OK"))
+
+    # -- channel and topology ------------------------------------------------------------------
+
+    def _on_channel_open(self, channel: pika.channel.Channel) -> None:
+        self._channel = channel
+        self._publish_seq = 0
+        channel.add_on_close_callback(self._on_channel_closed)
+        a = self.amqp
+        channel.exchange_declare(
+            a.exchange, a.exchange_type, durable=a.durable, callback=lambda _f: self._declare_queue()
+        )
+
+    def _declare_queue(self) -> None:
+        a = self.amqp
+        assert self._channel is not None
+        self._channel.queue_declare(
+            a.queue,
+            durable=a.durable,
+            arguments=dict(a.queue_arguments) or None,
+            callback=lambda _f: self._channel.queue_bind(  # type: ignore[union-attr]
+                a.queue, a.exchange, a.routing_key, callback=lambda _g: self._declare_dead()
+            ),
+        )
+
+    def _declare_dead(self) -> None:
+        a = self.amqp
+        assert self._channel is not None
+        channel = self._channel
+        dead_exchange, dead_queue = f"{a.exchange}.dead", f"{a.queue}.dead"
+        channel.exchange_declare(
+            dead_exchange,
+            "direct",
+            durable=True,
+            callback=lambda _f: channel.queue_declare(
+                dead_queue,
+                durable=True,
+                callback=lambda _g: channel.queue_bind(
+                    dead_queue, dead_exchange, a.routing_key, callback=lambda _h: self._set_qos()
+                ),
+            ),
+        )
+
+    def _set_qos(self) -> None:
+        assert self._channel is not None
+        self._channel.confirm_delivery(self._on_confirm)
+        self._channel.basic_qos(prefetch_count=self.amqp.prefetch, callback=lambda _f: self._consume())
+
+    def _consume(self) -> None:
+        assert self._channel is not None
+        if self._draining.is_set():
+            self._close_if_idle()
+            return
+        self._consumer_tag = self._channel.basic_consume(self.amqp.queue, self._on_message, auto_ack=False)
+        self._round = 0
+        log.info(
+            "Consuming from queue %s (exchange %s, routing key %s, prefetch %d).",
+            self.amqp.queue,
+            self.amqp.exchange,
+            self.amqp.routing_key,
+            self.amqp.prefetch,
+        )
+        self._set_state("consuming")
+
+    def _on_channel_closed(self, channel: pika.channel.Channel, reason: BaseException) -> None:
+        if channel is not self._channel:
+            return
+        self._channel = None
+        self._consumer_tag = None
+        self._generation += 1
+        if self._connection is not None and self._connection.is_open:
+            if not (self._stopping or self._pending is not None):
+                log.error("The broker closed the channel: %s.", describe(reason))
+            self._connection.close()
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def _on_message(
+        self,
+        channel: pika.channel.Channel,
+        method: pika.spec.Basic.Deliver,
+        properties: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        self._unfinished += 1
+        message = Message(body, properties.headers or {}, method.routing_key, method.redelivered, properties)
+        self._work.put(_Delivery(self._generation, method.delivery_tag, message))
+
+    def _work_loop(self) -> None:
+        """The handler thread: one message at a time, outcome sent back to the I/O loop."""
+        while True:
+            delivery = self._work.get()
+            if delivery is None:
+                return
+            if delivery.generation != self._generation or self._draining.is_set():
+                outcome = _Outcome("skip")
+            else:
+                outcome = self._handle(delivery.message)
+            try:
+                self.ioloop.add_callback_threadsafe(lambda d=delivery, o=outcome: self._on_done(d, o))
+            except Exception:  # noqa: BLE001 - the loop is closing; the broker redelivers
+                return
+
+    def _handle(self, message: Message) -> _Outcome:
+        attempts = 0
+        delay = RETRY_DELAY
+        while True:
+            attempts += 1
+            try:
+                self.handler(message)
+                return _Outcome("ok", attempts=attempts)
+            except Exception as exc:  # noqa: BLE001 - any handler failure is retried or dead-lettered
+                error = f"{type(exc).__name__}: {exc}"
+                if attempts > self.amqp.max_retries:
+                    return _Outcome("dead", error=error, attempts=attempts)
+                log.warning(
+                    "The handler failed (attempt %d of %d): %s; retrying in %.1f s.",
+                    attempts,
+                    self.amqp.max_retries + 1,
+                    error,
+                    delay,
+                )
+            if self._halt.wait(delay) or self._stopping:
+                return _Outcome("requeue", error=error, attempts=attempts)
+            delay = min(delay * 2, RETRY_DELAY_MAX)
+
+    def _on_done(self, delivery: _Delivery, outcome: _Outcome) -> None:
+        channel = self._channel
+        current = delivery.generation == self._generation and channel is not None and channel.is_open
+        if current and outcome.kind == "dead":
+            self._dead_letter(delivery, outcome)
+            return
+        if current and outcome.kind == "ok":
+            channel.basic_ack(delivery.tag)  # type: ignore[union-attr]
+            self.handled += 1
+        elif current and outcome.kind == "requeue":
+            channel.basic_nack(delivery.tag, requeue=True)  # type: ignore[union-attr]
+        self._finish()
+
+    def _finish(self) -> None:
+        self._unfinished -= 1
+        self._close_if_idle()
+
+    def _dead_letter(self, delivery: _Delivery, outcome: _Outcome) -> None:
+        assert self._channel is not None
+        a = self.amqp
+        message = delivery.message
+        old = message.properties
+        headers = dict(message.headers)
+        headers["x-edm-error"] = outcome.error[:1000]
+        headers["x-edm-attempts"] = outcome.attempts
+        headers["x-edm-queue"] = a.queue
+        properties = pika.BasicProperties(
+            content_type=old.content_type,
+            content_encoding=old.content_encoding,
+            headers=headers,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            correlation_id=old.correlation_id,
+            message_id=old.message_id,
+            timestamp=old.timestamp,
+            type=old.type,
+            app_id=old.app_id,
+        )
+        self._channel.basic_publish(f"{a.exchange}.dead", a.routing_key, message.body, properties)
+        self._publish_seq += 1
+        self._dead_pending[self._publish_seq] = (delivery.generation, delivery.tag, outcome)
+
+    def _on_confirm(self, frame: pika.frame.Method) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        seqs = (
+            [s for s in self._dead_pending if s <= method.delivery_tag]
+            if method.multiple
+            else [method.delivery_tag]
+        )
+        for seq in seqs:
+            entry = self._dead_pending.pop(seq, None)
+            if entry is None:
+                continue
+            generation, tag, outcome = entry
+            channel = self._channel
+            if generation == self._generation and channel is not None and channel.is_open:
+                if acked:
+                    channel.basic_ack(tag)
+                    self.dead += 1
+                    log.error(
+                        "Dead-lettered a message to %s.dead after %d attempts: %s",
+                        self.amqp.queue,
+                        outcome.attempts,
+                        outcome.error,
+                    )
+                else:
+                    channel.basic_nack(tag, requeue=True)
+                    log.error("The broker refused a dead letter; the message was requeued.")
+            self._finish()
+
+    def _fail_dead_pending(self) -> None:
+        """The channel closed with dead letters unconfirmed: the originals will be redelivered."""
+        pending, self._dead_pending = self._dead_pending, {}
+        for _ in pending:
+            self._finish()

@@ -1,0 +1,46 @@
+"""Message handlers. The default one writes each message as one escaped line of the daily log.
+
+A handler is any ``module:function`` called as ``handler(message)``; it returns to have the
+message acked or raises to have it retried and, in the end, dead-lettered. The consumer
+worker binds the message log before the first message arrives.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from edm.logs import DailyLog, cut_escaped, escape_body
+
+if TYPE_CHECKING:
+    from edm.consumer import Message
+
+
+class MessageLog:
+    """Formats a message's line: ``[redelivered] (+) <escaped body>``."""
+
+    def __init__(self, daily: DailyLog, max_line: int = 0) -> None:
+        self.daily = daily
+        self.max_line = max_line
+
+    def line(self, body: bytes, redelivered: bool) -> str:
+        escaped = cut_escaped(escape_body(body), body, self.max_line)
+        return ("[redelivered] (+) " if redelivered else "(+) ") + escaped
+
+    def write(self, message: Message) -> None:
+        self.daily.write("INFO", self.line(message.body, message.redelivered))
+
+
+_sink: MessageLog | None = None
+
+
+def bind(sink: MessageLog | None) -> None:
+    """Set where log_message writes (the consumer worker does this at boot and on reload)."""
+    global _sink
+    _sink = sink
+
+
+def log_message(message: Message) -> None:
+    """Write the message's line and flush it (fsync too with log.fsync) before it is acked."""
+    if _sink is None:
+        raise RuntimeError("edm.handlers.log_message: no message log is bound")
+    _sink.write(message)

@@ -1,0 +1,230 @@
+"""What runs inside each worker process: the e-mail consumer, and the plugins.
+
+Signal handlers here only record the signal; the worker's loop reads the wakeup pipe and
+acts. The supervisor talks to a worker over its channel: ("reload", Config), ("stop", None),
+("reopen", None).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from pika.adapters.select_connection import IOLoop, PollEvents
+
+from edm import handlers, plugins
+from edm.config import Config, load_handler
+from edm.consumer import Consumer, Handler
+from edm.errors import EdmError
+from edm.logs import DailyLog, setup_logging
+from edm.worker import EXIT_BOOT, EXIT_OK, send_event
+
+log = logging.getLogger(__name__)
+
+STATE_INTERVAL = 1.0
+
+
+def open_daily(config: Config) -> DailyLog:
+    lc = config.log
+    daily = DailyLog(lc.dir, lc.name, keep_days=lc.keep_days, fsync=lc.fsync)
+    daily.open()
+    return daily
+
+
+def secrets_of(config: Config) -> tuple[str, ...]:
+    """Passwords to mask in any log line, besides the URL syntax masking."""
+    from urllib.parse import unquote, urlsplit
+
+    found = []
+    for url in (*config.amqp.url, config.database.url or ""):
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            continue
+        if password:
+            found.extend({password, unquote(password)})
+    return tuple(p for p in found if len(p) >= 3)
+
+
+class SignalPipe:
+    """Signal handlers that only enqueue; the owner drains ``pending`` from its loop."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...]) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+        self.pending: list[int] = []
+        signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        for sig in signals:
+            signal.signal(sig, self._enqueue)
+
+    def _enqueue(self, signum: int, _frame: object) -> None:
+        self.pending.append(signum)
+
+    def drain(self) -> list[int]:
+        try:
+            while os.read(self.read_fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+        taken, self.pending = self.pending, []
+        return taken
+
+
+def consumer_main(config: Config, conn: Connection) -> int:
+    """The e-mail consumer worker."""
+    try:
+        daily = open_daily(config)
+        setup_logging(daily, config.log.level, secrets_of(config))
+        handler: Handler = load_handler(config.amqp.handler)
+    except (EdmError, OSError) as exc:
+        send_event(conn, "fatal", error=str(exc))
+        return EXIT_BOOT
+    sink = handlers.MessageLog(daily, config.log.max_line)
+    handlers.bind(sink)
+    ioloop = IOLoop()
+    consumer = Consumer(config.amqp, handler, lambda snap: send_event(conn, "state", **snap), ioloop)
+    signals = SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP))
+    parent = os.getppid()
+
+    def apply(new: Config) -> None:
+        nonlocal config
+        try:
+            new_handler = load_handler(new.amqp.handler) if new.amqp.handler != config.amqp.handler else handler
+        except EdmError as exc:
+            log.error("Reload refused by the consumer: %s", exc)
+            return
+        lc = new.log
+        daily.reconfigure(lc.dir, lc.name, keep_days=lc.keep_days, fsync=lc.fsync)
+        sink.max_line = lc.max_line
+        setup_logging(daily, lc.level, secrets_of(new))
+        config = new
+        consumer.reload(new.amqp, new_handler)
+
+    def on_signal(_fd: int, _events: int) -> None:
+        for signum in signals.drain():
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                consumer.stop()
+            elif signum == signal.SIGUSR1:
+                daily.reopen()
+
+    def on_control(_fd: int, _events: int) -> None:
+        try:
+            while conn.poll():
+                command, payload = conn.recv()
+                if command == "reload":
+                    apply(payload)
+                elif command == "stop":
+                    consumer.stop()
+                elif command == "reopen":
+                    daily.reopen()
+        except (EOFError, OSError):
+            ioloop.remove_handler(conn.fileno())
+            consumer.stop()
+
+    def tick() -> None:
+        if os.getppid() != parent:
+            consumer.stop()
+        send_event(conn, "state", **consumer.snapshot())
+        ioloop.call_later(STATE_INTERVAL, tick)
+
+    ioloop.add_handler(signals.read_fd, on_signal, PollEvents.READ)
+    ioloop.add_handler(conn.fileno(), on_control, PollEvents.READ)
+    ioloop.call_later(STATE_INTERVAL, tick)
+    send_event(conn, "ready", pid=os.getpid())
+    consumer.start()
+    consumer.run()
+    log.info("The consumer stopped (%d messages handled).", consumer.handled)
+    return EXIT_OK
+
+
+def plugins_main(config: Config, conn: Connection) -> int:
+    """The plugin worker: one shared database pool, every enabled plugin on top of it."""
+    from edm.db import Database
+
+    database: Database | None = None
+    started: list[plugins.Plugin] = []
+    try:
+        daily = open_daily(config)
+        setup_logging(daily, config.log.level, secrets_of(config))
+        database = Database.open(config.database)
+        for plugin in plugins.build(config, database):
+            plugin.start()
+            started.append(plugin)
+    except (EdmError, OSError) as exc:
+        send_event(conn, "fatal", error=str(exc))
+        _stop_all(started, config.daemon.stop_timeout)
+        if database is not None:
+            database.close()
+        return EXIT_BOOT
+    signals = SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP))
+    send_event(conn, "ready", pid=os.getpid())
+    parent = os.getppid()
+    running = True
+    next_state = 0.0
+
+    def status() -> dict[str, Any]:
+        return {p.name: p.status() for p in started}
+
+    def on_command(command: str, payload: Any) -> None:
+        nonlocal running, config
+        if command == "reload":
+            config = payload
+            lc = config.log
+            daily.reconfigure(lc.dir, lc.name, keep_days=lc.keep_days, fsync=lc.fsync)
+            setup_logging(daily, lc.level, secrets_of(config))
+            for plugin in started:
+                plugin.reload(config)
+        elif command == "stop":
+            running = False
+        elif command == "reopen":
+            daily.reopen()
+
+    while running:
+        now = time.monotonic()
+        if now >= next_state:
+            send_event(conn, "state", state="running", plugins=status())
+            next_state = now + STATE_INTERVAL
+            if os.getppid() != parent:
+                running = False
+        try:
+            ready, _, _ = select.select([signals.read_fd, conn], [], [], STATE_INTERVAL)
+        except InterruptedError:
+            ready = []
+        if signals.read_fd in ready:
+            for signum in signals.drain():
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    running = False
+                elif signum == signal.SIGUSR1:
+                    daily.reopen()
+        if conn in ready:
+            try:
+                while conn.poll():
+                    on_command(*conn.recv())
+            except (EOFError, OSError):
+                running = False
+    _stop_all(started, config.daemon.stop_timeout)
+    if database is not None:
+        database.close()
+    log.info("The plugins stopped.")
+    return EXIT_OK
+
+
+def _stop_all(started: list[plugins.Plugin], timeout: float) -> None:
+    for plugin in reversed(started):
+        try:
+            plugin.stop(timeout)
+        except Exception:  # noqa: BLE001 - stop the others whatever one of them does
+            log.error("The %s plugin failed to stop cleanly.", plugin.name, exc_info=True)
+
+
+WORKERS: dict[str, Callable[[Config, Connection], int]] = {
+    "consumer": consumer_main,
+    "plugins": plugins_main,
+}
