@@ -14,7 +14,15 @@ from typing import Any
 
 from edm import __version__
 from edm.broker import mask_text
-from edm.config import Config, find_config, load, load_handler, password_warning
+from edm.config import (
+    Config,
+    Essentials,
+    find_config,
+    load,
+    load_essentials,
+    load_handler,
+    password_warning,
+)
 from edm.errors import ConfigError, EdmError, PidfileError
 from edm.pidfile import PidState, read_status
 from edm.state import read_state, status_path
@@ -109,9 +117,16 @@ def _alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
 
 
+def _essentials(args: argparse.Namespace) -> Essentials:
+    found = load_essentials(find_config(args.config))
+    if found.problem:
+        print(f"edm: warning: {mask_text(found.problem)}", file=sys.stderr)
+    return found
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
-    config = _load(args)
-    pidfile = config.daemon.pidfile
+    config = _essentials(args)
+    pidfile = config.pidfile
     status = read_status(pidfile)
     if status.state is PidState.ABSENT:
         print("edm is not running")
@@ -124,7 +139,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if pid is None:
         _err(f"{pidfile} is locked but holds no pid; cannot stop")
         return FAILURE
-    workers = _worker_pids(config)
+    workers = _worker_pids(pidfile)
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -132,7 +147,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     except PermissionError:
         _err(f"not allowed to signal pid {pid} (run as its user or root)")
         return FAILURE
-    timeout = config.daemon.stop_timeout
+    timeout = config.stop_timeout
     if _wait_stopped(pidfile, pid, timeout + 2):
         print("edm stopped")
         return OK
@@ -169,8 +184,8 @@ def _remove_stale(pidfile: Path) -> None:
             pass
 
 
-def _worker_pids(config: Config) -> list[int]:
-    state = read_state(status_path(config.daemon.pidfile)) or {}
+def _worker_pids(pidfile: Path) -> list[int]:
+    state = read_state(status_path(pidfile)) or {}
     pids = []
     for worker in (state.get("workers") or {}).values():
         if isinstance(worker, dict) and isinstance(worker.get("pid"), int):
@@ -178,11 +193,11 @@ def _worker_pids(config: Config) -> list[int]:
     return pids
 
 
-def _log_line(config: Config, level: str, text: str) -> None:
+def _log_line(config: Essentials, level: str, text: str) -> None:
     from edm.logs import DailyLog
 
     try:
-        DailyLog(config.log.dir, config.log.name).write(level, text)
+        DailyLog(config.log_dir, config.log_name).write(level, text)
     except OSError:
         pass
 
@@ -196,14 +211,14 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        config = _load(args)
-        status = read_status(config.daemon.pidfile)
+        config = _essentials(args)
+        status = read_status(config.pidfile)
     except (ConfigError, PidfileError) as exc:
         _err(str(exc))
         if args.json:
             print(json.dumps({"status": "unknown", "error": mask_text(str(exc))}))
         return STATUS_UNKNOWN
-    state = read_state(status_path(config.daemon.pidfile)) if status.state is PidState.RUNNING else None
+    state = read_state(status_path(config.pidfile)) if status.state is PidState.RUNNING else None
     if status.state is PidState.RUNNING:
         code, first = OK, f"edm is running (pid {status.pid})"
     elif status.state is PidState.STALE:

@@ -436,3 +436,47 @@ def _urls_in(text: str) -> list[str]:
                 continue
             urls.append(token)
     return urls
+
+
+@dataclass(frozen=True)
+class Essentials:
+    """What stop and status need, taken from a file that may no longer validate as a whole."""
+
+    path: Path
+    pidfile: Path
+    stop_timeout: float
+    log_dir: Path
+    log_name: str
+    problem: str | None
+
+
+def load_essentials(path: Path, environ: Mapping[str, str] = os.environ) -> Essentials:
+    """The pidfile and log location even when another key is now invalid (so stop still works).
+
+    Raises ConfigError only when the file cannot be read or these keys themselves are wrong.
+    """
+    try:
+        config = load(path, environ)
+        return Essentials(
+            config.path, config.daemon.pidfile, config.daemon.stop_timeout,
+            config.log.dir, config.log.name, None,
+        )
+    except ConfigError as exc:
+        problem = str(exc)
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoDuplicatesLoader)  # noqa: S506
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):
+        raise ConfigError(problem) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(problem)
+    base = path.resolve().parent
+    daemon = _section(raw, "daemon")
+    log_section = _section(raw, "log")
+    return Essentials(
+        path.resolve(),
+        _path(daemon, "pidfile", "daemon", "../run/edm.pid", base),
+        _number(daemon, "stop_timeout", "daemon", DaemonConfig().stop_timeout, 0.1),
+        _path(log_section, "dir", "log", "../logs", base),
+        _str(log_section, "name", "log", LogConfig().name),
+        problem,
+    )

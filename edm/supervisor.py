@@ -154,9 +154,9 @@ class Supervisor:
         elif sig == signal.SIGHUP:
             self.reload()
         elif sig == signal.SIGUSR1:
-            log.info("Received SIGUSR1; reopening the log files.")
             self.daily.reopen()
             self._broadcast("reopen", None)
+            log.info("Received SIGUSR1; reopened the log files.")
         # SIGCHLD only wakes the loop; _reap runs every turn.
 
     def _read_events(self, worker: Worker) -> None:
@@ -226,6 +226,7 @@ class Supervisor:
                 self._spawn(worker)
             elif worker.state == "STARTING" and worker.ready and now - worker.started_at >= STARTSECS:
                 worker.state = "RUNNING"
+                self._next_state = 0.0  # publish the transition at once
 
     # -- reload --------------------------------------------------------------------------------
 
