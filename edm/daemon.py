@@ -38,6 +38,8 @@ def resolve_identity(user: str | None, group: str | None) -> Identity | None:
     """The target identity, None when there is nothing to change; errors name the key."""
     if user is None and group is None:
         return None
+    if os.geteuid() != 0 and _is_self(user, group):
+        return None
     if os.geteuid() != 0:
         who = f"user {user!r}" if user else f"group {group!r}"
         raise DaemonError(f"daemon.user: cannot run as {who}: edm must be started as root to switch users")
@@ -53,6 +55,16 @@ def resolve_identity(user: str | None, group: str | None) -> Identity | None:
             raise DaemonError(f"daemon.group: no such group {group!r}") from None
     groups = tuple(sorted({gid, *os.getgrouplist(entry.pw_name, gid)}))
     return Identity(entry.pw_name, entry.pw_uid, gid, groups)
+
+
+def _is_self(user: str | None, group: str | None) -> bool:
+    """Naming the user (and group) we already are needs no switch and no root."""
+    try:
+        same_user = user is None or pwd.getpwnam(user).pw_uid == os.getuid()
+        same_group = group is None or grp.getgrnam(group).gr_gid == os.getgid()
+    except KeyError:
+        return False
+    return same_user and same_group
 
 
 def make_dirs(path: Path, identity: Identity | None) -> None:

@@ -38,6 +38,7 @@ def serve(config: Config, report: Report) -> int:
     try:
         if identity is not None:
             pidfile.chown(identity.uid, identity.gid)
+            _preload(config)
         drop_privileges(identity)
         daily = open_daily(config)
         setup_logging(daily, config.log.level, secrets_of(config))
@@ -58,3 +59,21 @@ def serve(config: Config, report: Report) -> int:
         return 1
     finally:
         pidfile.release()
+
+
+def _preload(config: Config) -> None:
+    """Import what the workers need while we can still read every directory (root's home may
+    be closed to the target user, and a worker forks from us with these modules loaded)."""
+    import importlib
+
+    modules = ["edm.consumer", "edm.service", "edm.handlers", "pika.adapters.select_connection"]
+    if plugins.enabled(config):
+        modules += ["edm.db", "edm.plugins.fee", "pymysql", "dbutils.pooled_db", "zmq", "sqlite3"]
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            log.debug("Could not preload %s: %s", name, exc)
+    # Encodings and other lazily loaded stdlib pieces used on the hot path.
+    "".encode("idna")
+    b"".decode("utf-8", "surrogateescape")
