@@ -9,6 +9,7 @@ asynchronously; at most ``window`` messages are unconfirmed at any time and at m
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import sys
 import threading
@@ -29,6 +30,7 @@ from edm.errors import EdmError
 WINDOW = 5000
 PROGRESS_INTERVAL = 0.5
 _END = object()
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -150,6 +152,9 @@ class _Publisher:
             self.ioloop.start()
         except KeyboardInterrupt:
             self.report.error = self.report.error or "interrupted"
+        except Exception as exc:  # noqa: BLE001 - one line on stderr, not a traceback
+            _LOG.debug("Publishing failed unexpectedly.", exc_info=True)
+            self.report.error = f"publishing failed: {describe(exc)}"
         finally:
             self.cancelled = True
             self.space.set()
@@ -174,7 +179,7 @@ class _Publisher:
         params.client_properties = {"connection_name": "edm publish", "product": "edm"}
 
         def on_open_error(_connection: object, exc: BaseException | str) -> None:
-            reason = describe(exc) if isinstance(exc, BaseException) else mask_url(str(exc))
+            reason = open_error_reason(exc)
             self.connect_errors.append(f"{mask_url(url)}: {reason}")
             self._connect(index + 1)
 
@@ -352,6 +357,29 @@ class _Publisher:
             self.progress.flush()
         except (OSError, ValueError):
             self.progress = None
+
+
+def open_error_reason(exc: BaseException | str) -> str:
+    """The innermost cause of a failed connection attempt, in words, without a password."""
+    seen = 0
+    while isinstance(exc, BaseException) and seen < 10:
+        seen += 1
+        nested = [e for e in getattr(exc, "exceptions", None) or () if isinstance(e, BaseException)]
+        if nested:
+            exc = nested[-1]
+        elif isinstance(getattr(exc, "exception", None), BaseException):
+            exc = exc.exception  # type: ignore[attr-defined]  # pika's connector errors
+        elif exc.args and isinstance(exc.args[0], BaseException):
+            exc = exc.args[0]
+        else:
+            break
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
+        return "authentication failed (check the user name and password)"
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
+        return "access denied (check the virtual host and the user's permissions)"
+    return mask_url(str(exc) or type(exc).__name__)
 
 
 def _describe_read_error(exc: BaseException) -> str:
