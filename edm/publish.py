@@ -29,6 +29,8 @@ from edm.errors import EdmError
 
 WINDOW = 5000
 PROGRESS_INTERVAL = 0.5
+# A run shorter than this shows no progress line at all: it would only flicker.
+PROGRESS_DELAY = 1.0
 _END = object()
 _LOG = logging.getLogger(__name__)
 
@@ -144,6 +146,7 @@ class _Publisher:
         self.input_done = False
         self.read_error: BaseException | None = None
         self.started = 0.0
+        self.progress_shown = False
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> PublishReport:
@@ -228,7 +231,7 @@ class _Publisher:
         reader.start()
         self.wake_pending = False
         if self.progress is not None:
-            self.ioloop.call_later(PROGRESS_INTERVAL, self._tick)
+            self.ioloop.call_later(PROGRESS_DELAY, self._tick)
         self._pump()
 
     # -- the reader thread ---------------------------------------------------------------
@@ -347,8 +350,9 @@ class _Publisher:
         self.ioloop.call_later(PROGRESS_INTERVAL, self._tick)
 
     def _show_progress(self, final: bool = False) -> None:
-        if self.progress is None or not self.started:
+        if self.progress is None or not self.started or (final and not self.progress_shown):
             return
+        self.progress_shown = True
         elapsed = max(time.monotonic() - self.started, 1e-6)
         rate = self.report.published / elapsed
         line = f"\r{self.report.published} published, {self.report.confirmed} confirmed, {rate:,.0f} msg/s"

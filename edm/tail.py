@@ -169,5 +169,9 @@ class _Tail:
         if not lines:
             return
         text = "".join(line.decode("utf-8", "replace") + "\n" for line in lines)
-        self.out.write(text)
+        try:
+            self.out.write(text)
+        except UnicodeEncodeError:  # a terminal that is not UTF-8: degrade, do not die
+            encoding = getattr(self.out, "encoding", None) or "ascii"
+            self.out.write(text.encode(encoding, "replace").decode(encoding))
         self.out.flush()

@@ -6,6 +6,7 @@ import io
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,18 +182,30 @@ def test_the_next_url_is_tried_when_the_first_is_down(tmp_path, admin, route):
     assert drain(admin, queue) == [b"failover"]
 
 
-def test_progress_is_written_when_asked(tmp_path, admin, route):
+def test_progress_is_written_when_a_run_takes_a_while(tmp_path, admin, route):
     exchange, queue, key = route
     config = make_config(tmp_path, exchange, key)
     progress = io.StringIO()
 
-    assert run_publish(config, (b"m" for _ in range(3000)), progress=progress) == 0
+    def slow() -> Iterator[bytes]:
+        yield from (b"m" for _ in range(1500))
+        time.sleep(1.5)
+        yield from (b"m" for _ in range(1500))
+
+    assert run_publish(config, slow(), progress=progress) == 0
 
     text = progress.getvalue()
-    assert text.startswith("\r") and text.endswith("\n")
-    assert "3000 published, 3000 confirmed" in text
-    assert "msg/s" in text
+    assert text.startswith("\r1500 published, 1500 confirmed, ")
+    assert text.endswith("\r3000 published, 3000 confirmed, " + text.rsplit(", ", 1)[1])
+    assert text.endswith(" msg/s\n")
     assert len(drain(admin, queue)) == 3000
+
+
+def test_a_short_run_shows_no_progress(tmp_path, admin, route):
+    exchange, _queue, key = route
+    progress = io.StringIO()
+    assert run_publish(make_config(tmp_path, exchange, key), [b"a"], progress=progress) == 0
+    assert progress.getvalue() == ""
 
 
 def test_an_input_error_is_reported_after_confirming_what_was_read(tmp_path, admin, route, capsys):

@@ -273,3 +273,13 @@ def test_ctrl_c_ends_follow_with_exit_0(config, monkeypatch):
     out = io.StringIO()
     assert run_tail(config, 10, True, clock=Clock(DAY1), out=out, stop=Interrupting()) == 0
     assert out.getvalue() == "a\n"
+
+
+def test_a_non_utf8_terminal_gets_replacement_characters(config):
+    append(path_for(config, "2024-03-09"), "naïve ☃\n".encode())
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="ascii")
+
+    assert run_tail(config, 1, clock=Clock(DAY1), out=out) == 0
+
+    assert raw.getvalue() == b"na?ve ?\n"
