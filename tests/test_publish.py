@@ -248,3 +248,25 @@ def test_a_missing_file_fails_before_connecting(tmp_path):
 
 def test_dash_means_stdin():
     assert list(read_bodies(file="-", stdin=io.BytesIO(b"a\nb\n"))) == [b"a", b"b"]
+
+
+def test_the_reader_stays_within_a_bounded_distance_of_the_broker(route):
+    """Huge input must not be slurped: reading runs at most ~2 windows ahead of confirms."""
+    from edm.publish import _Publisher
+
+    exchange, _queue, key = route
+    window = 200
+    ahead: list[int] = []
+    publisher: _Publisher
+
+    def bodies() -> Iterator[bytes]:
+        for i in range(10_000):
+            ahead.append(i - publisher.report.acked)
+            yield b"%d" % i
+
+    publisher = _Publisher([BROKER_URL], exchange, key, bodies(), window, None)
+    report = publisher.run()
+
+    assert report.confirmed == 10_000
+    # window bodies waiting in the hand-over queue + window unconfirmed + one in hand
+    assert max(ahead) <= 2 * window + 1
