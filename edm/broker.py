@@ -59,35 +59,18 @@ def publish(
     exchange: str,
     routing_key: str,
     bodies: Iterable[bytes],
-    *,
-    mandatory: bool = True,
-    batch: int = 1000,
 ) -> PublishResult:
-    """Publish persistent messages with publisher confirms; count what the broker confirmed.
+    """Publish persistent, mandatory messages with publisher confirms; count what was confirmed.
 
-    Messages are sent in batches and confirmed as a batch: a nack or an unroutable return
-    marks every message of that batch's failures. Raises BrokerError when no URL connects.
+    Raises BrokerError when no URL connects or the connection fails before any confirm.
+    Unroutable and nacked messages count as failed. See ``edm.publish`` for the details.
     """
-    connection = connect_blocking(urls)
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
-        confirmed = failed = 0
-        for body in bodies:
-            try:
-                channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
-                confirmed += 1
-            except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
-                failed += 1
-        return PublishResult(confirmed, failed)
-    except pika.exceptions.AMQPError as exc:
-        raise BrokerError(f"publishing failed: {mask_url(str(exc)) or type(exc).__name__}") from None
-    finally:
-        try:
-            connection.close()
-        except pika.exceptions.AMQPError:
-            pass
+    from edm.publish import publish_bodies  # edm.publish builds on this module
+
+    report = publish_bodies(urls, exchange, routing_key, bodies)
+    if report.error and report.published == 0:
+        raise BrokerError(report.error)
+    return PublishResult(report.confirmed, report.not_confirmed)
 
 
 def connect_blocking(urls: Sequence[str], heartbeat: int | None = None) -> pika.BlockingConnection:

@@ -1,0 +1,435 @@
+"""``edm publish``: fast, publisher-confirmed publishing of persistent messages.
+
+One asynchronous pika connection publishes while a reader thread feeds it bodies, so a slow
+stdin never stalls the connection's I/O (heartbeats, confirms). Confirms arrive
+asynchronously; at most ``window`` messages are unconfirmed at any time and at most
+``window`` read bodies wait to be sent, so memory stays bounded however large the input is.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+import pika
+import pika.exceptions
+from pika.adapters.select_connection import IOLoop
+
+from edm.broker import describe, mask_url, parameters
+from edm.config import Config
+from edm.errors import EdmError
+
+WINDOW = 5000
+PROGRESS_INTERVAL = 0.5
+# A run shorter than this shows no progress line at all: it would only flicker.
+PROGRESS_DELAY = 1.0
+_END = object()
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class PublishReport:
+    """What the broker made of the messages we handed it."""
+
+    published: int = 0
+    acked: int = 0
+    nacked: int = 0
+    unroutable: int = 0
+    error: str | None = None
+
+    @property
+    def confirmed(self) -> int:
+        # A returned (unroutable) message is acked too, after its Basic.Return.
+        return max(0, self.acked - self.unroutable)
+
+    @property
+    def not_confirmed(self) -> int:
+        return self.published - self.confirmed
+
+    @property
+    def unanswered(self) -> int:
+        return max(0, self.published - self.acked - self.nacked)
+
+
+def run_publish(
+    config: Config,
+    bodies: Iterable[bytes],
+    *,
+    routing_key: str | None = None,
+    exchange: str | None = None,
+    progress: TextIO | None = None,
+) -> int:
+    """Publish every body; 0 when the broker confirmed them all, else 1 with the reason on stderr."""
+    report = publish_bodies(
+        config.amqp.url,
+        config.amqp.exchange if exchange is None else exchange,
+        config.amqp.routing_key if routing_key is None else routing_key,
+        bodies,
+        progress=progress,
+    )
+    if report.error:
+        print(f"edm publish: {report.error}", file=sys.stderr)
+    if report.not_confirmed:
+        reasons = [
+            f"{count} {label}"
+            for count, label in (
+                (report.unroutable, "unroutable"),
+                (report.nacked, "nacked"),
+                (report.unanswered, "unanswered"),
+            )
+            if count
+        ]
+        detail = f" ({', '.join(reasons)})" if reasons else ""
+        print(
+            f"edm publish: {report.not_confirmed} of {report.published} messages not confirmed{detail}",
+            file=sys.stderr,
+        )
+    return 1 if report.error or report.not_confirmed else 0
+
+
+def publish_bodies(
+    urls: Sequence[str],
+    exchange: str,
+    routing_key: str,
+    bodies: Iterable[bytes],
+    *,
+    window: int = WINDOW,
+    progress: TextIO | None = None,
+) -> PublishReport:
+    """Publish persistent, mandatory messages with confirms; never raises for broker trouble."""
+    return _Publisher(urls, exchange, routing_key, bodies, window, progress).run()
+
+
+class _Publisher:
+    """The state of one publish run; every method but ``_read`` runs on the I/O loop."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        exchange: str,
+        routing_key: str,
+        bodies: Iterable[bytes],
+        window: int,
+        progress: TextIO | None,
+    ) -> None:
+        self.urls = list(urls)
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.bodies = bodies
+        self.window = max(1, window)
+        self.progress = progress
+        self.report = PublishReport()
+        self.properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
+        self.ioloop = IOLoop()
+        self.connection: pika.SelectConnection | None = None
+        self.channel: Any = None
+        self.connect_errors: list[str] = []
+        self.closing = False
+        # Delivery tags published but not yet confirmed. Tags are 1, 2, 3...; ``floor`` is
+        # the lowest tag a multiple=True confirm may still have to settle.
+        self.pending: set[int] = set()
+        self.next_tag = 1
+        self.floor = 1
+        # Hand-over from the reader thread: deque operations are atomic, so no lock.
+        self.queue: collections.deque[object] = collections.deque()
+        self.space = threading.Event()
+        self.wake_pending = True  # set until the channel is ready: nothing to pump yet
+        self.cancelled = False
+        self.input_done = False
+        self.read_error: BaseException | None = None
+        self.started = 0.0
+        self.progress_shown = False
+
+    # -- the run -------------------------------------------------------------------------
+    def run(self) -> PublishReport:
+        self._connect(0)
+        try:
+            self.ioloop.start()
+        except KeyboardInterrupt:
+            self.report.error = self.report.error or "interrupted"
+        except Exception as exc:  # noqa: BLE001 - one line on stderr, not a traceback
+            _LOG.debug("Publishing failed unexpectedly.", exc_info=True)
+            self.report.error = f"publishing failed: {describe(exc)}"
+        finally:
+            self.cancelled = True
+            self.space.set()
+            self._show_progress(final=True)
+            self.ioloop.close()
+        if self.read_error is not None and not self.report.error:
+            self.report.error = f"cannot read the messages: {_describe_read_error(self.read_error)}"
+        return self.report
+
+    def _connect(self, index: int) -> None:
+        if index >= len(self.urls):
+            self.report.error = "cannot connect to the broker: " + "; ".join(self.connect_errors)
+            self.ioloop.stop()
+            return
+        url = self.urls[index]
+        try:
+            params = parameters(url)
+        except (ValueError, pika.exceptions.AMQPError) as exc:
+            self.connect_errors.append(f"{mask_url(url)}: {mask_url(str(exc))}")
+            self._connect(index + 1)
+            return
+        params.client_properties = {"connection_name": "edm publish", "product": "edm"}
+
+        def on_open_error(_connection: object, exc: BaseException | str) -> None:
+            reason = open_error_reason(exc)
+            self.connect_errors.append(f"{mask_url(url)}: {reason}")
+            self._connect(index + 1)
+
+        self.connection = pika.SelectConnection(
+            params,
+            on_open_callback=self._on_connection_open,
+            on_open_error_callback=on_open_error,
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=self.ioloop,
+        )
+
+    def _on_connection_open(self, connection: pika.SelectConnection) -> None:
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_closed(self, _connection: object, reason: BaseException) -> None:
+        if not self.closing and not self.report.error:
+            self.report.error = f"connection lost: {describe(reason)}"
+        self.ioloop.stop()
+
+    def _on_channel_open(self, channel: Any) -> None:
+        self.channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        if self.exchange:
+            # A missing exchange would close the channel at the first publish; a passive
+            # declare says so plainly instead.
+            channel.exchange_declare(self.exchange, passive=True, callback=self._on_exchange_ok)
+        else:
+            self._on_exchange_ok(None)
+
+    def _on_exchange_ok(self, _frame: object) -> None:
+        self.channel.confirm_delivery(self._on_confirm, callback=self._on_confirm_mode)
+
+    def _on_channel_closed(self, _channel: object, reason: BaseException) -> None:
+        if not self.closing and not self.report.error:
+            code = getattr(reason, "reply_code", None)
+            if code == 404 and self.report.published == 0 and self.exchange:
+                self.report.error = f"exchange {self.exchange!r} does not exist"
+            else:
+                self.report.error = f"the broker closed the channel: {describe(reason)}"
+        self._finish()
+
+    def _on_confirm_mode(self, _frame: object) -> None:
+        self.started = time.monotonic()
+        reader = threading.Thread(target=self._read, name="edm-publish-reader", daemon=True)
+        reader.start()
+        self.wake_pending = False
+        if self.progress is not None:
+            self.ioloop.call_later(PROGRESS_DELAY, self._tick)
+        self._pump()
+
+    # -- the reader thread ---------------------------------------------------------------
+    def _read(self) -> None:
+        limit = self.window
+        try:
+            for body in self.bodies:
+                if self.cancelled:
+                    return
+                self.queue.append(body)
+                if len(self.queue) >= limit:
+                    self._wake()
+                    self.space.clear()
+                    while len(self.queue) >= limit and not self.cancelled:
+                        self.space.wait()
+                        self.space.clear()
+                elif not self.wake_pending:
+                    self._wake()
+        except BaseException as exc:  # noqa: BLE001 - reported by the loop, never lost
+            self.read_error = exc
+        finally:
+            self.queue.append(_END)
+            self._wake()
+
+    def _wake(self) -> None:
+        """Make sure the loop drains the queue soon (called from the reader thread)."""
+        if self.wake_pending or self.cancelled:
+            return
+        self.wake_pending = True
+        try:
+            self.ioloop.add_callback_threadsafe(self._pump)
+        except (OSError, RuntimeError, ValueError):
+            pass  # the loop is already closed: the run is over
+
+    # -- the I/O loop side ---------------------------------------------------------------
+    def _pump(self) -> None:
+        """Publish queued bodies while the window allows; runs on the loop only."""
+        if self.closing or self.channel is None:
+            return
+        queue = self.queue
+        pending = self.pending
+        publish = self.channel.basic_publish
+        exchange, routing_key, properties = self.exchange, self.routing_key, self.properties
+        while len(pending) < self.window:
+            try:
+                body = queue.popleft()
+            except IndexError:
+                # Clear the flag, then look again: a body appended in between is either
+                # seen here or its append sees the cleared flag and wakes us.
+                self.wake_pending = False
+                if not queue:
+                    break
+                self.wake_pending = True
+                continue
+            if body is _END:
+                self.input_done = True
+                break
+            try:
+                publish(exchange, routing_key, body, properties, mandatory=True)
+            except (pika.exceptions.AMQPError, TypeError, ValueError) as exc:
+                self.report.error = f"cannot publish: {describe(exc)}"
+                self._finish()
+                return
+            pending.add(self.next_tag)
+            self.next_tag += 1
+            self.report.published += 1
+        if len(queue) < self.window // 2 + 1:
+            self.space.set()
+        self._maybe_done()
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tag = method.delivery_tag
+        if method.multiple:
+            settled = 0
+            for t in range(self.floor, tag + 1):
+                if t in self.pending:
+                    self.pending.discard(t)
+                    settled += 1
+            self.floor = max(self.floor, tag + 1)
+        else:
+            settled = 1 if tag in self.pending else 0
+            self.pending.discard(tag)
+        if isinstance(method, pika.spec.Basic.Nack):
+            self.report.nacked += settled
+        else:
+            self.report.acked += settled
+        if not self.input_done and self.queue:
+            self._pump()
+        else:
+            self._maybe_done()
+
+    def _on_return(self, _channel: object, _method: object, _properties: object, _body: bytes) -> None:
+        self.report.unroutable += 1
+
+    def _maybe_done(self) -> None:
+        if self.input_done and not self.pending:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.cancelled = True
+        self.space.set()
+        connection = self.connection
+        if connection is not None and connection.is_open:
+            connection.close()  # _on_connection_closed stops the loop
+        else:
+            self.ioloop.stop()
+
+    def _tick(self) -> None:
+        if self.closing:
+            return
+        self._show_progress()
+        self.ioloop.call_later(PROGRESS_INTERVAL, self._tick)
+
+    def _show_progress(self, final: bool = False) -> None:
+        if self.progress is None or not self.started or (final and not self.progress_shown):
+            return
+        self.progress_shown = True
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = self.report.published / elapsed
+        line = f"\r{self.report.published} published, {self.report.confirmed} confirmed, {rate:,.0f} msg/s"
+        try:
+            self.progress.write(line + ("\n" if final else ""))
+            self.progress.flush()
+        except (OSError, ValueError):
+            self.progress = None
+
+
+def open_error_reason(exc: BaseException | str) -> str:
+    """The innermost cause of a failed connection attempt, in words, without a password."""
+    seen = 0
+    while isinstance(exc, BaseException) and seen < 10:
+        seen += 1
+        nested = [e for e in getattr(exc, "exceptions", None) or () if isinstance(e, BaseException)]
+        if nested:
+            exc = nested[-1]
+        elif isinstance(getattr(exc, "exception", None), BaseException):
+            exc = exc.exception  # type: ignore[attr-defined]  # pika's connector errors
+        elif exc.args and isinstance(exc.args[0], BaseException):
+            exc = exc.args[0]
+        else:
+            break
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
+        return "authentication failed (check the user name and password)"
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
+        return "access denied (check the virtual host and the user's permissions)"
+    return mask_url(str(exc) or type(exc).__name__)
+
+
+def _describe_read_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+# -- where the bodies come from --------------------------------------------------------------
+def bodies_from_args(args: Sequence[str]) -> Iterator[bytes]:
+    """Command-line arguments as UTF-8 (undecodable argv bytes come back as they were)."""
+    for arg in args:
+        yield arg.encode("utf-8", "surrogateescape")
+
+
+def bodies_from_lines(stream: BinaryIO) -> Iterator[bytes]:
+    """One body per line, the newline stripped; streamed, so huge inputs use little memory.
+
+    Only ``\\n`` ends a line: a ``\\r`` or any other byte is part of the body.
+    """
+    for line in stream:
+        yield line[:-1] if line.endswith(b"\n") else line
+
+
+def bodies_from_file(path: str | os.PathLike[str]) -> Iterator[bytes]:
+    """The lines of a file, one body each; the file is opened now so a bad path fails early."""
+    try:
+        stream = Path(path).open("rb")  # closed by _closing_lines
+    except OSError as exc:
+        raise EdmError(f"cannot read {os.fspath(path)}: {exc.strerror}") from None
+    return _closing_lines(stream)
+
+
+def _closing_lines(stream: BinaryIO) -> Iterator[bytes]:
+    with stream:
+        yield from bodies_from_lines(stream)
+
+
+def read_bodies(
+    args: Sequence[str] = (),
+    file: str | None = None,
+    stdin: BinaryIO | None = None,
+) -> Iterable[bytes]:
+    """The bodies for ``edm publish``: BODY arguments, else ``--file PATH`` ('-' is stdin), else stdin."""
+    if args:
+        return bodies_from_args(args)
+    if file is not None and file != "-":
+        return bodies_from_file(file)
+    return bodies_from_lines(stdin if stdin is not None else sys.stdin.buffer)
