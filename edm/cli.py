@@ -303,6 +303,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from edm.publish import read_bodies, run_publish
+
+    config = _load(args)
+    bodies = read_bodies(args.body, args.file)
+    progress = sys.stderr if sys.stderr.isatty() else None
+    return run_publish(
+        config, bodies, routing_key=args.routing_key, exchange=args.exchange, progress=progress
+    )
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from edm.tail import run_tail
+
+    return run_tail(_load(args), args.lines, args.follow)
+
+
 # -- parsing -------------------------------------------------------------------------------------
 
 
@@ -321,6 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("reload", help="validate the config, then SIGHUP the daemon")
     sub.add_parser("run", help="run in the foreground (systemd, containers)")
     sub.add_parser("check-config", help="validate the config and print problems")
+    publish = sub.add_parser(
+        "publish", help="publish persistent messages with publisher confirms (stdin lines without BODY)"
+    )
+    publish.add_argument("-k", "--routing-key", help="routing key (default: amqp.routing_key)")
+    publish.add_argument("--exchange", help="exchange (default: amqp.exchange)")
+    publish.add_argument("--file", metavar="PATH", help="one message per line of PATH ('-' for stdin)")
+    publish.add_argument("body", nargs="*", metavar="BODY", help="message bodies")
+    tail = sub.add_parser("tail", help="print today's log; -f follows it across midnight")
+    tail.add_argument("-n", "--lines", type=_non_negative, default=10, metavar="N")
+    tail.add_argument("-f", "--follow", action="store_true")
     return parser
 
 
@@ -332,7 +359,19 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "reload": cmd_reload,
     "run": cmd_run,
     "check-config": cmd_check_config,
+    "publish": cmd_publish,
+    "tail": cmd_tail,
 }
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -344,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return FAILURE
     except KeyboardInterrupt:
         return FAILURE
-    except Exception as exc:  # noqa: BLE001 - never a traceback for the operator
+    except Exception as exc:
         if os.environ.get("EDM_DEBUG"):
             raise
         _err(f"unexpected error ({type(exc).__name__}): {exc}")

@@ -7,10 +7,10 @@ silently fall back to a default.
 
 from __future__ import annotations
 
+import grp
 import importlib
 import os
 import pwd
-import grp
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -105,13 +105,13 @@ def find_config(explicit: str | None, environ: Mapping[str, str] = os.environ) -
 class _NoDuplicatesLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys and alias expansion (YAML bombs)."""
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: ANN401 - yaml's API
+    def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+            event = self.peek_event()  # type: ignore[no-untyped-call]
             raise ConfigError(f"line {event.start_mark.line + 1}: YAML aliases are not allowed")
         return super().compose_node(parent, index)
 
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # noqa: ANN401
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
@@ -405,7 +405,8 @@ def load_handler(spec: str) -> Callable[..., Any]:
     func = getattr(module, attr, None)
     if not callable(func):
         raise ConfigError(f"amqp.handler: {module_name!r} has no callable {attr!r}")
-    return func
+    handler: Callable[..., Any] = func
+    return handler
 
 
 def password_warning(config: Config) -> str | None:
@@ -415,9 +416,7 @@ def password_warning(config: Config) -> str | None:
         text = config.path.read_text(encoding="utf-8")
     except OSError:
         return None
-    has_password = any(
-        (urlsplit(u).password or "") for u in _urls_in(text)
-    )
+    has_password = any((urlsplit(u).password or "") for u in _urls_in(text))
     if has_password and mode & 0o044:
         return (
             f"{config.path}: holds a password and is readable by group or others "
@@ -458,8 +457,12 @@ def load_essentials(path: Path, environ: Mapping[str, str] = os.environ) -> Esse
     try:
         config = load(path, environ)
         return Essentials(
-            config.path, config.daemon.pidfile, config.daemon.stop_timeout,
-            config.log.dir, config.log.name, None,
+            config.path,
+            config.daemon.pidfile,
+            config.daemon.stop_timeout,
+            config.log.dir,
+            config.log.name,
+            None,
         )
     except ConfigError as exc:
         problem = str(exc)

@@ -236,11 +236,12 @@ class Consumer:
     def _declare_queue(self) -> None:
         a = self.amqp
         assert self._channel is not None
-        self._channel.queue_declare(
+        channel = self._channel
+        channel.queue_declare(
             a.queue,
             durable=a.durable,
             arguments=dict(a.queue_arguments) or None,
-            callback=lambda _f: self._channel.queue_bind(  # type: ignore[union-attr]
+            callback=lambda _f: channel.queue_bind(
                 a.queue, a.exchange, a.routing_key, callback=lambda _g: self._declare_dead()
             ),
         )

@@ -142,7 +142,7 @@ def detach(umask: int, body: Callable[[Callable[[bytes], None]], int], timeout: 
     message = _read_handshake(read_fd, timeout)
     os.close(read_fd)
     if message.startswith(READY):
-        return int(message[len(READY):] or 0)
+        return int(message[len(READY) :] or 0)
     text = message.decode("utf-8", "replace") or "the daemon exited during start (see its log)"
     raise DaemonError(text)
 

@@ -26,7 +26,7 @@ _FILE_RE = re.compile(r"^(?P<name>.+)\.(?P<date>\d{4}-\d{2}-\d{2})\.log$")
 
 def _escape_table() -> dict[int, str]:
     table: dict[int, str] = {ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
-    for code in list(range(0x00, 0x20)) + [0x7F]:
+    for code in [*range(0x00, 0x20), 0x7F]:
         table.setdefault(code, f"\\x{code:02x}")
     for code in range(0x80, 0xA0):
         table[code] = f"\\u{code:04x}"
@@ -184,7 +184,7 @@ class DailyLog:
     def prune(self, today: str) -> list[Path]:
         """Delete this log's daily files dated more than keep_days before ``today``."""
         limit = dt.date.fromisoformat(today) - dt.timedelta(days=self.keep_days)
-        removed = []
+        removed: list[Path] = []
         try:
             entries = list(self.directory.iterdir())
         except OSError:

@@ -52,12 +52,12 @@ class Pidfile:
         """Create or take over the pidfile, lock it and write ``pid``; AlreadyRunning if locked."""
         check_directory(self.path.parent)
         try:
-            fd = os.open(
-                self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-            )
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise PidfileError(f"daemon.pidfile: {self.path} is a symlink; refusing to follow it") from None
+                raise PidfileError(
+                    f"daemon.pidfile: {self.path} is a symlink; refusing to follow it"
+                ) from None
             raise PidfileError(f"daemon.pidfile: cannot open {self.path}: {exc.strerror}") from None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):

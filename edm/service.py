@@ -41,7 +41,7 @@ def secrets_of(config: Config) -> tuple[str, ...]:
     """Passwords to mask in any log line, besides the URL syntax masking."""
     from urllib.parse import unquote, urlsplit
 
-    found = []
+    found: list[str] = []
     for url in (*config.amqp.url, config.database.url or ""):
         try:
             password = urlsplit(url).password
@@ -96,7 +96,9 @@ def consumer_main(config: Config, conn: Connection) -> int:
     def apply(new: Config) -> None:
         nonlocal config
         try:
-            new_handler = load_handler(new.amqp.handler) if new.amqp.handler != config.amqp.handler else handler
+            new_handler = (
+                load_handler(new.amqp.handler) if new.amqp.handler != config.amqp.handler else handler
+            )
         except EdmError as exc:
             log.error("Reload refused by the consumer: %s", exc)
             return
@@ -194,7 +196,8 @@ def plugins_main(config: Config, conn: Connection) -> int:
             if os.getppid() != parent:
                 running = False
         try:
-            ready, _, _ = select.select([signals.read_fd, conn], [], [], STATE_INTERVAL)
+            watched: list[Any] = [signals.read_fd, conn]
+            ready, _, _ = select.select(watched, [], [], STATE_INTERVAL)
         except InterruptedError:
             ready = []
         if signals.read_fd in ready:
@@ -220,7 +223,7 @@ def _stop_all(started: list[plugins.Plugin], timeout: float) -> None:
     for plugin in reversed(started):
         try:
             plugin.stop(timeout)
-        except Exception:  # noqa: BLE001 - stop the others whatever one of them does
+        except Exception:
             log.error("The %s plugin failed to stop cleanly.", plugin.name, exc_info=True)
 
 

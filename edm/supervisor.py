@@ -20,7 +20,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from edm import __version__, plugins
-from edm.config import Config, ConfigError, load, load_handler
+from edm.config import Config, load, load_handler
+from edm.errors import ConfigError
 from edm.logs import DailyLog
 from edm.pidfile import Pidfile
 from edm.service import WORKERS, SignalPipe
@@ -85,9 +86,7 @@ class Supervisor:
         self.signals = SignalPipe(
             (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
         )
-        log.info(
-            "edm %s starting (pid %d, config %s).", __version__, os.getpid(), self.config.path
-        )
+        log.info("edm %s starting (pid %d, config %s).", __version__, os.getpid(), self.config.path)
         for name in self.wanted():
             self.workers[name] = Worker(name)
             self._spawn(self.workers[name])
@@ -132,7 +131,7 @@ class Supervisor:
 
     def _poll(self, timeout: float) -> None:
         assert self.signals is not None
-        conns = [w.conn for w in self.workers.values() if w.conn is not None]
+        conns: list[Any] = [w.conn for w in self.workers.values() if w.conn is not None]
         try:
             ready = select.select([self.signals.read_fd, *conns], [], [], timeout)[0]
         except InterruptedError:

@@ -62,7 +62,7 @@ def spawn(main: WorkerMain, config: Config, close_in_child: Callable[[], None]) 
             code = main(config, conn)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else EXIT_CRASH
-        except BaseException:  # noqa: BLE001 - the supervisor logs the death; we log why
+        except BaseException:
             log.critical("Worker crashed.", exc_info=True)
             code = EXIT_CRASH
         finally:

@@ -133,9 +133,10 @@ class EdmEnv:
 
     # -- the command line ---------------------------------------------------------------------
 
-    def cli(self, *args: str, timeout: float = 90, env: dict[str, str] | None = None,
-            input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    def cli(
+        self, *args: str, timeout: float = 90, env: dict[str, str] | None = None, input: bytes | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'support'}"}
         full_env.pop("EDM_CONFIG", None)
         full_env.update(env or {})
         result = subprocess.run(

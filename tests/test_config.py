@@ -94,13 +94,17 @@ def test_environment_overrides() -> None:
     config = _parse({"amqp": {"url": "amqp://ignored/"}}, env)
     assert config.amqp.url == ("amqp://a:b@h1/%2F", "amqp://a:b@h2/%2F")
     assert config.database.url == "sqlite:///x.db"
-    with pytest.raises(ConfigError, match="^EDM_AMQP_URL:"):
+    with pytest.raises(ConfigError, match=r"^EDM_AMQP_URL:"):
         _parse({}, {"EDM_AMQP_URL": "nonsense"})
 
 
 def test_url_list_and_relative_paths(tmp_path: Path) -> None:
     config = _parse(
-        {"amqp": {"url": ["amqp://h1/", "amqps://h2:5671/v"]}, "log": {"dir": "l"}, "daemon": {"pidfile": "/run/x.pid"}},
+        {
+            "amqp": {"url": ["amqp://h1/", "amqps://h2:5671/v"]},
+            "log": {"dir": "l"},
+            "daemon": {"pidfile": "/run/x.pid"},
+        },
         base=tmp_path,
     )
     assert config.amqp.url == ("amqp://h1/", "amqps://h2:5671/v")
@@ -151,7 +155,7 @@ def test_missing_file_and_lookup_order(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_load_handler() -> None:
     assert callable(load_handler("edm.handlers:log_message"))
-    with pytest.raises(ConfigError, match="amqp.handler: cannot import"):
+    with pytest.raises(ConfigError, match=r"amqp\.handler: cannot import"):
         load_handler("no_such_mod_xyz:f")
     with pytest.raises(ConfigError, match="has no callable 'nope'"):
         load_handler("os:nope")

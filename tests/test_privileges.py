@@ -31,7 +31,7 @@ def open_base() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def test_root_drops_to_nobody(open_base: Path, make_env) -> None:  # noqa: ANN001
+def test_root_drops_to_nobody(open_base: Path, make_env) -> None:
     if os.geteuid() != 0:
         pytest.fail("this test must run as root (CI and the dev machines do)")
     nobody = pwd.getpwnam("nobody")
@@ -70,7 +70,7 @@ def test_root_drops_to_nobody(open_base: Path, make_env) -> None:  # noqa: ANN00
     assert not env.pidfile.exists()
 
 
-def test_naming_a_user_without_root_fails(make_env) -> None:  # noqa: ANN001
+def test_naming_a_user_without_root_fails(make_env) -> None:
     """The real CLI, run by an unprivileged user, refuses a config that names another user."""
     import subprocess
     import sys
@@ -95,7 +95,10 @@ def test_naming_a_user_without_root_fails(make_env) -> None:  # noqa: ANN001
         )
         result = subprocess.run(
             [sys.executable, "-c", script, str(ROOT), str(config)],
-            capture_output=True, text=True, timeout=60, cwd=str(base),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(base),
         )
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,22 @@
+"""Handlers the integration tests configure as amqp.handler (imported by the daemon)."""
+
+from __future__ import annotations
+
+import time
+
+from edm.consumer import Message
+from edm.handlers import log_message
+
+
+def slow(message: Message) -> None:
+    """Sleep as many seconds as the body's ``sleep=N`` prefix asks, then log the message."""
+    if message.body.startswith(b"sleep="):
+        time.sleep(float(message.body.split(b" ", 1)[0][6:]))
+    log_message(message)
+
+
+def fail_poison(message: Message) -> None:
+    """Raise for bodies that start with ``poison``; log the others."""
+    if message.body.startswith(b"poison"):
+        raise ValueError(f"cannot handle {message.body[:20]!r}")
+    log_message(message)
