@@ -46,11 +46,13 @@ def create_table(db: Database, table: str) -> None:
             ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
         )
     else:
+        # sqlite has no exact decimal: a DECIMAL column has NUMERIC affinity, which turns
+        # 9999999999999999.9999 into a float. Text keeps every digit.
         sql = (
             f"CREATE TABLE IF NOT EXISTS {quote(db, table)} ("
             " ticket BIGINT NOT NULL PRIMARY KEY,"
             " login BIGINT NOT NULL,"
-            " volume DECIMAL(20,4) NOT NULL,"
+            " volume TEXT NOT NULL,"
             " status CHAR(1) NOT NULL DEFAULT 'N',"
             " created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
         )
