@@ -415,9 +415,7 @@ def password_warning(config: Config) -> str | None:
         text = config.path.read_text(encoding="utf-8")
     except OSError:
         return None
-    has_password = any(
-        (urlsplit(u).password or "") for u in _urls_in(text)
-    )
+    has_password = any((urlsplit(u).password or "") for u in _urls_in(text))
     if has_password and mode & 0o044:
         return (
             f"{config.path}: holds a password and is readable by group or others "

@@ -104,14 +104,9 @@ class Database:
 
     @contextmanager
     def connection(self) -> Iterator[Any]:
-        """A pooled DB-API connection, returned to the pool (rolled back) on exit."""
-        with self._translated():
-            con = self._backend.acquire()
-        try:
-            with self._translated():
-                yield con
-        finally:
-            self._backend.release(con)
+        """A pooled DB-API connection, rolled back and returned to the pool on exit."""
+        with self._checkout() as (con, _):
+            yield con
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:
@@ -120,19 +115,27 @@ class Database:
         The transaction is begun explicitly so the pool never silently reconnects and
         re-runs a later statement on a fresh connection after an earlier one was lost.
         """
-        with self.connection() as con, self._translated():
+        with self._checkout() as (con, clean), self._translated():
             self._backend.begin(con)
             cursor = con.cursor()
             try:
                 yield cursor
                 con.commit()
-            except BaseException:
-                with suppress(Exception):  # the original error is the one to report
-                    con.rollback()
-                raise
+                clean.append(True)  # committed: no rollback round trip on the way back
             finally:
                 with suppress(Exception):  # a dead connection cannot close its cursor
                     cursor.close()
+
+    @contextmanager
+    def _checkout(self) -> Iterator[tuple[Any, list[bool]]]:
+        with self._translated():
+            con = self._backend.acquire()
+        clean: list[bool] = []
+        try:
+            with self._translated():
+                yield con, clean
+        finally:
+            self._backend.release(con, rollback=not clean)
 
     def close(self) -> None:
         """Close the idle connections; the pool cannot be used afterwards."""
@@ -159,7 +162,7 @@ class _Backend:
     def acquire(self) -> Any:
         raise NotImplementedError
 
-    def release(self, con: Any) -> None:
+    def release(self, con: Any, rollback: bool) -> None:
         raise NotImplementedError
 
     def begin(self, con: Any) -> None:
@@ -184,7 +187,7 @@ class _MysqlBackend(_Backend):
             maxconnections=pool_size,
             blocking=True,  # wait for a free connection rather than exceed the size
             ping=1,  # check a connection when it is taken from the pool; reconnect if dead
-            reset=True,
+            reset=False,  # release() rolls back itself, and only when not committed
             host=url.host,
             port=url.port,
             user=url.user,
@@ -200,9 +203,11 @@ class _MysqlBackend(_Backend):
     def acquire(self) -> Any:
         return self._pool.connection(shareable=False)
 
-    def release(self, con: Any) -> None:
+    def release(self, con: Any, rollback: bool) -> None:
         with suppress(Exception):  # a broken connection is dropped by the pool anyway
-            con.close()  # returns it to the pool, rolled back
+            if rollback:
+                con.rollback()
+            con.close()  # returns it to the pool
 
     def begin(self, con: Any) -> None:
         con.begin()
@@ -244,7 +249,7 @@ class _SqliteBackend(_Backend):
             raise
         return con
 
-    def release(self, con: sqlite3.Connection) -> None:
+    def release(self, con: sqlite3.Connection, rollback: bool) -> None:
         try:
             if con.in_transaction:
                 con.rollback()

@@ -74,17 +74,23 @@ def store(db: Database, table: str, fees: Sequence[Fee], process: Process) -> St
             result.duplicates += 1
             if not _same(fee, kept):
                 result.conflicts.append((fee, kept))
-    name = quote(db, table)
-    p = db.placeholder
+    unique = list(first.values())
+    # The common case has no repeats: insert straight away and let the row count prove it
+    # (a repeat is not counted). Only a batch with a repeat pays for the look-up.
+    try:
+        with db.transaction() as cur:
+            if _insert(db, cur, table, unique) != len(unique):
+                raise _Repeats
+            _finish(db, cur, table, unique, process)
+    except _Repeats:
+        pass
+    else:
+        result.inserted = len(unique)
+        return result
     with db.transaction() as cur:
-        existing: dict[int, Fee] = {}
-        for chunk in _chunks(list(first)):
-            marks = _marks(p, len(chunk))
-            cur.execute(f"SELECT ticket, login, volume FROM {name} WHERE ticket IN ({marks})", chunk)  # noqa: S608
-            for ticket, login, volume in cur.fetchall():
-                existing[int(ticket)] = Fee(int(ticket), int(login), Decimal(str(volume)))
+        existing = _existing(db, cur, table, [fee.ticket for fee in unique])
         new = []
-        for fee in first.values():
+        for fee in unique:
             stored = existing.get(fee.ticket)
             if stored is None:
                 new.append(fee)
@@ -92,23 +98,53 @@ def store(db: Database, table: str, fees: Sequence[Fee], process: Process) -> St
                 result.duplicates += 1
                 if not _same(fee, stored):
                     result.conflicts.append((fee, stored))
-        if not new:
-            return result
-        verb = "INSERT" if db.dialect == "mysql" else "INSERT OR IGNORE"
-        insert = f"{verb} INTO {name} (ticket, login, volume, status) VALUES "
-        on_duplicate = " ON DUPLICATE KEY UPDATE ticket = ticket" if db.dialect == "mysql" else ""
-        for chunk_fees in _chunks(new):
-            rows = ", ".join([f"({p}, {p}, {p}, 'N')"] * len(chunk_fees))
-            params: list[Any] = []
-            for fee in chunk_fees:
-                params += [fee.ticket, fee.login, _volume_param(db, fee.volume)]
-            cur.execute(insert + rows + on_duplicate, params)
-        process(cur, new)
-        for chunk in _chunks([fee.ticket for fee in new]):
-            marks = _marks(p, len(chunk))
-            cur.execute(f"UPDATE {name} SET status = 'Y' WHERE status = 'N' AND ticket IN ({marks})", chunk)  # noqa: S608
+        if new:
+            _insert(db, cur, table, new)
+            _finish(db, cur, table, new, process)
         result.inserted = len(new)
     return result
+
+
+class _Repeats(Exception):
+    """Rolls back the fast path of a batch holding a ticket the table already has."""
+
+
+def _insert(db: Database, cur: Any, table: str, fees: list[Fee]) -> int:
+    """Insert with status N, skipping tickets already present; return the rows inserted."""
+    p = db.placeholder
+    verb = "INSERT" if db.dialect == "mysql" else "INSERT OR IGNORE"
+    on_duplicate = " ON DUPLICATE KEY UPDATE ticket = ticket" if db.dialect == "mysql" else ""
+    inserted = 0
+    for chunk in _chunks(fees):
+        rows = ", ".join([f"({p}, {p}, {p}, 'N')"] * len(chunk))
+        params: list[Any] = []
+        for fee in chunk:
+            params += [fee.ticket, fee.login, _volume_param(db, fee.volume)]
+        cur.execute(
+            f"{verb} INTO {quote(db, table)} (ticket, login, volume, status) VALUES {rows}{on_duplicate}",
+            params,
+        )
+        inserted += max(cur.rowcount, 0)
+    return inserted
+
+
+def _finish(db: Database, cur: Any, table: str, fees: list[Fee], process: Process) -> None:
+    """The processing step, then status Y."""
+    process(cur, fees)
+    for chunk in _chunks([fee.ticket for fee in fees]):
+        marks = _marks(db.placeholder, len(chunk))
+        sql = f"UPDATE {quote(db, table)} SET status = 'Y' WHERE status = 'N' AND ticket IN ({marks})"  # noqa: S608
+        cur.execute(sql, chunk)
+
+
+def _existing(db: Database, cur: Any, table: str, tickets: list[int]) -> dict[int, Fee]:
+    found: dict[int, Fee] = {}
+    for chunk in _chunks(tickets):
+        marks = _marks(db.placeholder, len(chunk))
+        cur.execute(f"SELECT ticket, login, volume FROM {quote(db, table)} WHERE ticket IN ({marks})", chunk)  # noqa: S608
+        for ticket, login, volume in cur.fetchall():
+            found[int(ticket)] = Fee(int(ticket), int(login), Decimal(str(volume)))
+    return found
 
 
 def _same(a: Fee, b: Fee) -> bool:
