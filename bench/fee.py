@@ -200,10 +200,10 @@ def bench_reference(url: str, clients: int, total: int) -> dict[str, float]:
     server = threading.Thread(target=serve)
     server.start()
     try:
-        started = time.perf_counter()
         elapsed, trues = drive(endpoint, clients, total)
+        answered = time.perf_counter()
         pool.shutdown(wait=True)
-        drained = time.perf_counter() - started
+        drained = elapsed + (time.perf_counter() - answered)  # from the first request to the last row
     finally:
         stop.set()
         server.join()

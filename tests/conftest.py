@@ -68,23 +68,26 @@ def table() -> Iterator[str]:
 def db_user() -> Iterator[tuple[str, str]]:
     """A dedicated MariaDB user (name, password) so its connections can be counted exactly."""
     name, password = unique("edm_u"), "pw-" + secrets.token_hex(8)
+    hosts = ("127.0.0.1", "localhost", "%")
     con = root_connection()
-    with con.cursor() as cur:
-        for host in ("127.0.0.1", "localhost", "%"):
-            quoted_host = host.replace("%", "%%")  # the statement goes through %-formatting
-            cur.execute(f"CREATE USER '{name}'@'{quoted_host}' IDENTIFIED BY %s", (password,))
-            cur.execute(f"GRANT ALL ON `{MYSQL_DB}`.* TO '{name}'@'{host}'")
-    yield name, password
-    with con.cursor() as cur:
-        cur.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s", (name,))
-        for (pid,) in cur.fetchall():
-            try:
-                cur.execute(f"KILL {int(pid)}")
-            except pymysql.err.Error:
-                pass
-        for host in ("127.0.0.1", "localhost", "%"):
-            cur.execute(f"DROP USER IF EXISTS '{name}'@'{host}'")
-    con.close()
+    try:
+        with con.cursor() as cur:
+            for host in hosts:
+                quoted_host = host.replace("%", "%%")  # the statement goes through %-formatting
+                cur.execute(f"CREATE USER '{name}'@'{quoted_host}' IDENTIFIED BY %s", (password,))
+                cur.execute(f"GRANT ALL ON `{MYSQL_DB}`.* TO '{name}'@'{host}'")
+        yield name, password
+    finally:
+        with con.cursor() as cur:
+            cur.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s", (name,))
+            for (pid,) in cur.fetchall():
+                try:
+                    cur.execute(f"KILL {int(pid)}")
+                except pymysql.err.Error:
+                    pass
+            for host in hosts:
+                cur.execute(f"DROP USER IF EXISTS '{name}'@'{host}'")
+        con.close()
 
 
 @pytest.fixture

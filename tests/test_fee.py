@@ -443,3 +443,22 @@ def test_the_same_flow_on_sqlite(
         assert con.execute("SELECT login FROM fee WHERE ticket = 1").fetchone() == (1000,)
         (volume,) = con.execute("SELECT volume FROM fee WHERE ticket = 9999").fetchone()
         assert Decimal(str(volume)) == Decimal("9999999999999999.9999")
+
+
+def test_reload_moves_the_receiver_to_a_new_endpoint(
+    make_config: Callable[..., Config], databases: Any, plugins: Any, table: str, root_sql: SQL, zctx: Any
+) -> None:
+    config = make_config(table=table)
+    plugin = plugins(config, databases(config))
+    plugin.reload(config)  # unchanged: keeps serving where it is
+    old_endpoint = plugin.endpoint
+    moved = make_config(table=table)
+    plugin.reload(moved)
+    assert plugin.endpoint != old_endpoint
+    assert plugin.status()["state"] == "running"
+    client = Client(zctx, plugin.endpoint)
+    try:
+        assert client.ask(b"1,2,3") == b"TRUE"
+    finally:
+        client.close()
+    assert len(rows(root_sql, table)) == 1
