@@ -33,3 +33,11 @@ class BrokerError(EdmError):
 
 class HandlerError(EdmError):
     """The message handler cannot be loaded."""
+
+
+class DatabaseError(EdmError):
+    """The database refused a statement or the URL is unusable; the password is masked."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database cannot be reached (refused, timed out, connection lost)."""

@@ -1,0 +1,223 @@
+"""The shared pool against the real MariaDB and a real sqlite file."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import MYSQL_DB, MYSQL_HOST, MYSQL_PORT, free_port, root_connection
+from netutil import TcpProxy
+
+from edm.config import DatabaseConfig
+from edm.db import Database, parse_url
+from edm.errors import DatabaseError, DatabaseUnavailable
+
+
+def test_url_user_and_password_are_percent_decoded() -> None:
+    url = parse_url("mysql://us%40er:p%40ss%3Aw%2Fd@db.example:3307/fees")
+    assert (url.dialect, url.user, url.password, url.host, url.port, url.database) == (
+        "mysql",
+        "us@er",
+        "p@ss:w/d",
+        "db.example",
+        3307,
+        "fees",
+    )
+    assert "p@ss" not in repr(url)
+    assert parse_url("mysql://u@h/d").port == 3306
+    assert parse_url("sqlite:///var/lib/edm/fee.db").path == Path("/var/lib/edm/fee.db")
+
+
+@pytest.mark.parametrize(
+    "url", ["postgres://u:secretpw@h/d", "mysql://u:secretpw@/d", "sqlite://", "mysql://u:secretpw@h"]
+)
+def test_bad_urls_are_rejected_without_the_password(url: str) -> None:
+    with pytest.raises(DatabaseError) as info:
+        Database.open(DatabaseConfig(url=url))
+    assert "secretpw" not in str(info.value)
+
+
+def test_wrong_password_is_reported_masked() -> None:
+    db = Database.open(DatabaseConfig(url=f"mysql://root:s3cretpw@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_DB}"))
+    try:
+        with pytest.raises(DatabaseError) as info, db.connection():
+            pass
+        assert "s3cretpw" not in str(info.value)
+        assert "root:***@" in str(info.value)
+    finally:
+        db.close()
+
+
+def test_unreachable_server_is_database_unavailable_quickly() -> None:
+    db = Database.open(DatabaseConfig(url=f"mysql://root:pw@127.0.0.1:{free_port()}/test"))
+    try:
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable), db.connection():
+            pass
+        assert time.monotonic() - started < 6
+    finally:
+        db.close()
+
+
+def test_transaction_commits_or_rolls_back(table: str) -> None:
+    db = Database.open(DatabaseConfig(url=f"mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_DB}"))
+    try:
+        with db.transaction() as cur:
+            cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)")
+        with db.transaction() as cur:
+            cur.execute(f"INSERT INTO `{table}` VALUES (1)")
+        with pytest.raises(RuntimeError), db.transaction() as cur:
+            cur.execute(f"INSERT INTO `{table}` VALUES (2)")
+            raise RuntimeError("abort")
+        with pytest.raises(DatabaseError), db.transaction() as cur:
+            cur.execute(f"INSERT INTO `{table}` VALUES (1)")  # duplicate key
+        with db.connection() as con, con.cursor() as cur:
+            cur.execute(f"SELECT id FROM `{table}`")
+            assert cur.fetchall() == ((1,),)
+    finally:
+        db.close()
+
+
+def _count_connections(user: str) -> int:
+    con = root_connection()
+    try:
+        with con.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s", (user,))
+            (n,) = cur.fetchone()
+            return int(n)
+    finally:
+        con.close()
+
+
+class ConnectionSampler:
+    """Count the user's server connections every few milliseconds; remember the maximum."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.maximum = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ConnectionSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        con = root_connection()
+        try:
+            with con.cursor() as cur:
+                while not self._stop.is_set():
+                    cur.execute(
+                        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s", (self.user,)
+                    )
+                    (n,) = cur.fetchone()
+                    self.maximum = max(self.maximum, int(n))
+                    self.samples += 1
+                    time.sleep(0.005)
+        finally:
+            con.close()
+
+
+def test_mysql_pool_never_exceeds_its_size(db_user: tuple[str, str]) -> None:
+    user, password = db_user
+    db = Database.open(
+        DatabaseConfig(url=f"mysql://{user}:{password}@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_DB}", pool_size=4)
+    )
+    in_use = peak = 0
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        nonlocal in_use, peak
+        try:
+            for _ in range(10):
+                with db.connection() as con:
+                    with lock:
+                        in_use += 1
+                        peak = max(peak, in_use)
+                    with con.cursor() as cur:
+                        cur.execute("SELECT SLEEP(0.01)")
+                    with lock:
+                        in_use -= 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        with ConnectionSampler(user) as sampler:
+            threads = [threading.Thread(target=work) for _ in range(32)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        assert not errors
+        assert peak == 4
+        assert 1 <= sampler.maximum <= 4, sampler.maximum
+        assert sampler.samples > 10
+    finally:
+        db.close()
+    assert _count_connections(user) == 0
+
+
+def test_pool_reconnects_after_the_server_comes_back() -> None:
+    proxy = TcpProxy((MYSQL_HOST, MYSQL_PORT))
+    db = Database.open(DatabaseConfig(url=f"mysql://root@127.0.0.1:{proxy.port}/{MYSQL_DB}", pool_size=2))
+    try:
+
+        def select_one() -> Any:
+            with db.connection() as con, con.cursor() as cur:
+                cur.execute("SELECT 1")
+                return cur.fetchone()[0]
+
+        assert select_one() == 1
+        proxy.cut()
+        with pytest.raises(DatabaseUnavailable):
+            select_one()
+        proxy.restore()
+        assert select_one() == 1
+    finally:
+        db.close()
+        proxy.close()
+
+
+def test_sqlite_pool_is_bounded_and_in_wal_mode(tmp_path: Path) -> None:
+    db = Database.open(DatabaseConfig(url=f"sqlite:///{tmp_path}/sub/edm.db", pool_size=3))
+    assert db.dialect == "sqlite"
+    in_use = peak = 0
+    lock = threading.Lock()
+
+    def work() -> None:
+        nonlocal in_use, peak
+        for _ in range(5):
+            with db.connection() as con:
+                with lock:
+                    in_use += 1
+                    peak = max(peak, in_use)
+                time.sleep(0.005)
+                assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+                with lock:
+                    in_use -= 1
+
+    try:
+        with db.transaction() as cur:
+            cur.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+        threads = [threading.Thread(target=work) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert peak == 3
+        with pytest.raises(DatabaseError), db.transaction() as cur:
+            cur.execute("INSERT INTO t VALUES (1)")
+            cur.execute("INSERT INTO t VALUES (1)")
+        with db.connection() as con:
+            assert con.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 0
+    finally:
+        db.close()
