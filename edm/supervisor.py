@@ -170,6 +170,8 @@ class Supervisor:
                     worker.last_error = str(event.get("error"))
                     log.error("The %s worker cannot start: %s", worker.name, worker.last_error)
                 elif kind == "state":
+                    if event.get("state") != worker.info.get("state"):
+                        self._next_state = 0.0  # a change of activity shows in status at once
                     worker.info = event
         except (EOFError, OSError):
             worker.conn.close()

@@ -24,9 +24,9 @@ import pika
 import pymysql
 import pytest
 import yaml
-from edm.db import Database
 
 from edm.config import Config, parse
+from edm.db import Database
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("EDM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")

@@ -97,7 +97,7 @@ def test_broker_down_at_start_then_up(edm_env: EdmEnv) -> None:
         result = edm_env.cli("start")
         assert result.returncode == 0, result.stderr
         wait_for(lambda: "Cannot connect" in edm_env.log_text(), timeout=15)
-        assert "backing off" in edm_env.cli("status").stdout
+        wait_for(lambda: "backing off" in edm_env.cli("status").stdout, timeout=10)
     finally:
         assert rabbitmqctl("start_app").returncode == 0
         rabbitmqctl("await_startup")
