@@ -9,25 +9,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from edm.logs import DailyLog, cut_escaped, escape_body
+from edm.logs import DailyLog, message_text
 
 if TYPE_CHECKING:
     from edm.consumer import Message
 
 
 class MessageLog:
-    """Formats a message's line: ``[redelivered] (+) <escaped body>``."""
+    """Writes a message's line: ``[redelivered] (+) <escaped body>``, in one append."""
 
     def __init__(self, daily: DailyLog, max_line: int = 0) -> None:
         self.daily = daily
         self.max_line = max_line
 
-    def line(self, body: bytes, redelivered: bool) -> str:
-        escaped = cut_escaped(escape_body(body), body, self.max_line)
-        return ("[redelivered] (+) " if redelivered else "(+) ") + escaped
+    def line(self, body: bytes, redelivered: bool) -> bytes:
+        marker = b"[redelivered] (+) " if redelivered else b"(+) "
+        return marker + message_text(body, self.max_line)
 
     def write(self, message: Message) -> None:
-        self.daily.write("INFO", self.line(message.body, message.redelivered))
+        marker = b"[redelivered] (+) " if message.redelivered else b"(+) "
+        self.daily.write_bytes("INFO", marker, message_text(message.body, self.max_line))
 
 
 _sink: MessageLog | None = None

@@ -7,6 +7,7 @@ line is written, so a line written after midnight lands in the next day's file.
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import hashlib
 import logging
@@ -47,6 +48,40 @@ def escape_body(body: bytes) -> str:
     if text.isascii() and _PLAIN.match(text):
         return text
     return text.translate(_ESCAPES)
+
+
+_CHUNK = 64 * 1024
+
+
+def escape_body_bytes(body: bytes) -> bytes | bytearray:
+    """escape_body, UTF-8 encoded, built chunk by chunk so a huge body costs a small multiple of
+    its size (the str of a whole binary body would take four bytes per byte, twice over)."""
+    if len(body) <= _CHUNK:
+        return escape_body(body).encode("utf-8")
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+    out = bytearray()
+    view = memoryview(body)
+    for start in range(0, len(body), _CHUNK):
+        text = decoder.decode(view[start : start + _CHUNK], final=start + _CHUNK >= len(body))
+        out += text.translate(_ESCAPES).encode("utf-8")
+    return out  # not bytes(out): that would copy up to four times the body once more
+
+
+def message_text(body: bytes, max_line: int = 0) -> bytes | bytearray:
+    """The escaped body for a message line, cut past ``max_line`` bytes as the contract says.
+
+    With a limit only a prefix of the body is escaped: every byte escapes to at least one
+    byte, so ``max_line + 3`` bytes of body (room for a split UTF-8 sequence) always suffice.
+    """
+    if max_line <= 0:
+        return escape_body_bytes(body)
+    prefix = body[: max_line + 3]
+    escaped = escape_body(prefix).encode("utf-8")
+    if len(prefix) == len(body) and len(escaped) <= max_line:
+        return escaped
+    head = escaped[:max_line].decode("utf-8", "ignore").encode("utf-8")
+    digest = hashlib.sha256(body).hexdigest()
+    return head + f" …[cut: {len(body)} bytes, sha256 {digest}]".encode()
 
 
 _UNESCAPE = re.compile(r"\\(x[0-9a-f]{2}|u00[89][0-9a-f]|[\\nrt])")
@@ -143,6 +178,10 @@ class DailyLog:
 
     def write(self, level: str, text: str) -> None:
         """Write one record; the caller guarantees ``text`` holds no newline."""
+        self.write_bytes(level, text.encode("utf-8", "surrogateescape"))
+
+    def write_bytes(self, level: str, *parts: bytes | bytearray) -> None:
+        """Write one record whose text (the parts, joined) is UTF-8 and holds no newline."""
         now = self.clock()
         second = int(now)
         with self._lock:
@@ -155,10 +194,11 @@ class DailyLog:
                     self._switch(date)
             elif self._fd < 0:
                 self._switch(self._date or dt.date.fromtimestamp(now).isoformat())
-            data = f"{self._stamp},{int(now * 1000) % 1000:03d} {level} {text}\n".encode(
-                "utf-8", "surrogateescape"
-            )
-            _write_all(self._fd, data)
+            head = f"{self._stamp},{int(now * 1000) % 1000:03d} {level} ".encode()
+            if sum(map(len, parts)) < 65536:
+                _write_all(self._fd, b"".join((head, *parts, b"\n")))
+            else:  # one writev: no copy of a huge line, still one append
+                _writev_all(self._fd, [head, *parts, b"\n"])
             if self.fsync:
                 os.fsync(self._fd)
 
@@ -211,6 +251,17 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _writev_all(fd: int, parts: list[bytes | bytearray]) -> None:
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
 
 
 class DailyLogHandler(logging.Handler):

@@ -131,7 +131,7 @@ class EdmEnv:
         return "".join(p.read_text(encoding="utf-8") for p in self.log_files(name))
 
     def message_lines(self, name: str | None = None) -> list[str]:
-        return [line for line in self.log_text(name).splitlines() if " (+) " in line]
+        return [line for line in self.log_text(name).split("\n") if " (+) " in line]
 
     def bodies_logged(self, name: str | None = None) -> list[str]:
         return [line.split(" (+) ", 1)[1] for line in self.message_lines(name)]

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edm.handlers import MessageLog
-from edm.logs import DailyLog, cut_escaped, escape_body, unescape_body
+from edm.logs import DailyLog, cut_escaped, escape_body, escape_body_bytes, message_text, unescape_body
 
 
 @pytest.mark.parametrize(
@@ -63,6 +63,19 @@ def test_cut_long_lines() -> None:
     assert odd.startswith("éé …[cut: 20 bytes")
 
 
+@given(st.binary(max_size=400), st.integers(min_value=0, max_value=300))
+def test_message_text_escapes_only_what_it_keeps(body: bytes, max_line: int) -> None:
+    expected = cut_escaped(escape_body(body), body, max_line).encode()
+    assert message_text(body, max_line) == expected
+
+
+def test_chunked_escaping_of_big_bodies_matches() -> None:
+    text_body = ("中文 line\n\t" * 20000).encode()  # multi-byte characters across chunk edges
+    binary_body = bytes(range(256)) * 1000
+    for body in (text_body, binary_body, b"a" * 65535 + "é".encode() + b"b" * 70000):
+        assert escape_body_bytes(body) == escape_body(body).encode()
+
+
 class FakeClock:
     def __init__(self, start: dt.datetime) -> None:
         self.now = start.timestamp()
@@ -75,9 +88,9 @@ def test_line_after_midnight_goes_to_the_next_days_file(tmp_path: Path) -> None:
     clock = FakeClock(dt.datetime(2026, 3, 1, 23, 59, 59, 500000))
     daily = DailyLog(tmp_path, "edm", clock=clock)
     sink = MessageLog(daily)
-    daily.write("INFO", sink.line(b"before midnight", False))
+    daily.write_bytes("INFO", sink.line(b"before midnight", False))
     clock.now += 1.0  # 00:00:00.5 the next day
-    daily.write("INFO", sink.line(b"after\nmidnight", True))
+    daily.write_bytes("INFO", sink.line(b"after\nmidnight", True))
     first = (tmp_path / "edm.2026-03-01.log").read_text()
     second = (tmp_path / "edm.2026-03-02.log").read_text()
     assert first == "2026-03-01 23:59:59,500 INFO (+) before midnight\n"
