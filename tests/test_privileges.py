@@ -19,6 +19,8 @@ def _ids(pid: int) -> dict[str, list[int]]:
         key, _, value = line.partition(":")
         if key in ("Uid", "Gid", "Groups"):
             fields[key] = [int(v) for v in value.split()]
+        elif key in ("CapEff", "CapPrm"):
+            fields[key] = [int(value.strip(), 16)]
     return fields
 
 
@@ -47,6 +49,8 @@ def test_root_drops_to_nobody(open_base: Path, make_env) -> None:
         assert set(ids["Uid"]) == {nobody.pw_uid}, (pid, ids)
         assert set(ids["Gid"]) == {nobody.pw_gid}, (pid, ids)
         assert set(ids["Groups"]) <= set(os.getgrouplist("nobody", nobody.pw_gid)), (pid, ids)
+        # no capability left: setuid(0) cannot succeed in any edm process
+        assert ids["CapEff"] == [0] and ids["CapPrm"] == [0], (pid, ids)
 
     env.publish([b"as nobody"])
     wait_for(lambda: "as nobody" in env.bodies_logged())
@@ -105,3 +109,33 @@ def test_naming_a_user_without_root_fails(make_env) -> None:
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "daemon.user" in result.stderr and "'root'" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_drop_privileges_proves_root_is_gone() -> None:
+    """In a forked child: after the drop, setuid(0) fails and every id is the target's."""
+    from edm.daemon import drop_privileges, resolve_identity
+
+    identity = resolve_identity("nobody", None)
+    assert identity is not None
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(read_fd)
+        try:
+            drop_privileges(identity)
+            try:
+                os.setuid(0)
+                verdict = b"setuid(0) succeeded"
+            except PermissionError:
+                ids = (os.getuid(), os.geteuid(), os.getgid(), os.getegid(), tuple(os.getgroups()))
+                verdict = repr(ids).encode()
+        except BaseException as exc:
+            verdict = f"error {exc}".encode()
+        os.write(write_fd, verdict)
+        os._exit(0)
+    os.close(write_fd)
+    os.waitpid(pid, 0)
+    verdict = os.read(read_fd, 1000).decode()
+    os.close(read_fd)
+    uid, gid = identity.uid, identity.gid
+    assert verdict == repr((uid, uid, gid, gid, identity.groups)), verdict

@@ -186,3 +186,37 @@ def test_reload_with_a_new_queue_during_a_stream(edm_env: EdmEnv) -> None:
     assert sorted([b for b in logged if b.startswith("a ")] + left) == sorted(old_bodies)
     assert edm_env.main_pid() == pid
     assert edm_env.cli("stop").returncode == 0
+
+
+def test_a_worker_that_keeps_failing_at_boot_goes_fatal_and_reload_recovers(edm_env: EdmEnv) -> None:
+    pid = edm_env.start()
+    worker = edm_env.worker_pid()
+    assert worker is not None
+    # Given a log directory that the next consumer cannot open (a file stands in its place)
+    log_dir = edm_env.log_dir
+    parked = log_dir.with_name("logs-parked")
+    log_dir.rename(parked)
+    log_dir.write_text("not a directory\n")
+    try:
+        os.kill(worker, signal.SIGKILL)
+
+        def fatal() -> bool:
+            return edm_env.state().get("workers", {}).get("consumer", {}).get("state") == "FATAL"
+
+        wait_for(fatal, timeout=30)
+        status = edm_env.cli("status")
+        assert status.returncode == 0
+        assert "consumer: FATAL" in status.stdout
+        assert "last error:" in status.stdout
+    finally:
+        log_dir.unlink()
+        parked.rename(log_dir)
+    log = edm_env.log_text()
+    assert "giving up (FATAL) until a reload" in log
+    # When the cause is fixed, a reload brings the worker back; the main PID never changed
+    assert edm_env.cli("reload").returncode == 0
+    edm_env.wait_consuming(timeout=15)
+    edm_env.publish([b"back from FATAL"])
+    wait_for(lambda: "back from FATAL" in edm_env.bodies_logged())
+    assert edm_env.main_pid() == pid
+    assert edm_env.cli("stop").returncode == 0
