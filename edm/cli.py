@@ -140,6 +140,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         _err(f"{pidfile} is locked but holds no pid; cannot stop")
         return FAILURE
     workers = _worker_pids(pidfile)
+    log_path, log_offset = _log_position(config)
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -149,6 +150,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return FAILURE
     timeout = config.stop_timeout
     if _wait_stopped(pidfile, pid, timeout + 2):
+        # The main process may have had to SIGKILL a worker that ignored the deadline.
+        for line in _new_log_lines(log_path, log_offset):
+            if "SIGKILL" in line:
+                _err(line.split(" ", 3)[-1])
         print("edm stopped")
         return OK
     message = f"edm (pid {pid}) did not stop within {timeout:g} s; sending SIGKILL"
@@ -165,6 +170,27 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return OK
     _err(f"edm (pid {pid}) could not be stopped")
     return FAILURE
+
+
+def _log_position(config: Essentials) -> tuple[Path, int]:
+    from edm.logs import DailyLog
+
+    path = DailyLog(config.log_dir, config.log_name).current_path
+    try:
+        return path, path.stat().st_size
+    except OSError:
+        return path, 0
+
+
+def _new_log_lines(path: Path, offset: int, limit: int = 1 << 20) -> list[str]:
+    """Lines appended to ``path`` since ``offset`` (at most ``limit`` bytes of them)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(limit)
+    except OSError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()
 
 
 def _wait_stopped(pidfile: Path, pid: int, timeout: float) -> bool:

@@ -252,3 +252,20 @@ def test_run_in_the_foreground(edm_env: EdmEnv) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_stop_that_has_to_sigkill_says_so(edm_env: EdmEnv) -> None:
+    edm_env.doc["amqp"]["handler"] = "edm_test_handlers:slow"
+    edm_env.doc["daemon"]["stop_timeout"] = 1
+    edm_env.write_config()
+    edm_env.start()
+    edm_env.publish([b"sleep=30 stuck"])
+    wait_for(lambda: edm_env.queue_depth() == 0)  # delivered, in the handler
+    time.sleep(0.3)
+    result = edm_env.cli("stop")
+    assert result.returncode == 0
+    assert "SIGKILL" in result.stderr
+    assert "SIGKILL" in edm_env.log_text()
+    assert not edm_env.pidfile.exists()
+    # the message that was in hand was never acked: it is back in the queue
+    wait_for(lambda: edm_env.queue_depth() == 1)
