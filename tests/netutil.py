@@ -117,3 +117,43 @@ class Client:
 
     def close(self) -> None:
         self.socket.close(0)
+
+
+class RawZmtp:
+    """A plain TCP peer speaking just enough ZMTP 3.0 (NULL mechanism) to send frames by hand,
+    including ones no libzmq socket would send."""
+
+    def __init__(self, port: int, handshake: bool = True, socket_type: bytes = b"DEALER") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if handshake:
+            self.sock.sendall(
+                b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32
+            )
+            body = b"\x05READY" + b"\x0bSocket-Type" + len(socket_type).to_bytes(4, "big") + socket_type
+            self.sock.sendall(b"\x04" + bytes([len(body)]) + body)
+
+    def header(self, size: int, more: bool = False) -> None:
+        """A frame header announcing ``size`` bytes (the body is up to the caller)."""
+        self.sock.sendall(bytes([0x02 | more]) + size.to_bytes(8, "big"))
+
+    def frame(self, body: bytes, more: bool = False) -> None:
+        self.header(len(body), more)
+        self.sock.sendall(body)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def dropped(self, timeout: float) -> bool:
+        """Whether the server closes the connection within ``timeout`` seconds."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except TimeoutError:
+            return False
+        except OSError:
+            pass  # reset by the server
+        return True
+
+    def close(self) -> None:
+        self.sock.close()

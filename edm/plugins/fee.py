@@ -15,6 +15,25 @@ Two threads, each owning its sockets:
 
 A single writer keeps the spool and the table in one order: once anything is spooled, every
 later request is spooled behind it until the replay has caught up.
+
+Limits, so that a flood or a hostile peer cannot exhaust memory or the pool:
+
+* at most MAX_QUEUE (10,000) accepted requests wait for the writer, all clients together,
+  and at most MAX_PER_PEER (100) per connection (a REQ client has one at a time; this
+  caps DEALER peers that pipeline); beyond either the client is told ``FALSE busy`` at
+  once. The writer uses one pooled connection at a time.
+* libzmq refuses a frame larger than MAX_FRAME (16 KiB, sixteen times the largest valid
+  request) by dropping the connection before buffering it: a REQ client that sent one gets
+  no reply (its recv ends only with its own RCVTIMEO; ``ZMQ_REQ_RELAXED`` lets it send
+  again) and reconnects. Frames up to MAX_FRAME get ``FALSE <reason>`` like any bad request.
+* libzmq buffers at most RCVHWM (64) messages per connection before it stops reading it,
+  so one connection holds at most about RCVHWM x MAX_FRAME (1 MiB) in the receiver.
+* replies to a client that left or does not read are dropped (the ROUTER is not
+  mandatory), so a client can never block the I/O thread.
+
+libzmq does not bound the number of frames in one multipart message; a peer speaking raw
+ZMTP can grow it without end. Only the network (listen on a trusted interface) guards
+against that.
 """
 
 from __future__ import annotations
@@ -34,15 +53,20 @@ from edm.db import Database
 from edm.errors import DatabaseError, EdmError
 from edm.logs import escape_body
 from edm.plugins import fee_store
-from edm.plugins.fee_parse import Fee, MalformedRequest, parse_request
+from edm.plugins.fee_parse import MAX_REQUEST, Fee, MalformedRequest, parse_request
 from edm.plugins.fee_spool import Spool
 
 log = logging.getLogger(__name__)
 
 TRUE = b"TRUE"
+BUSY = b"FALSE busy"
 MAX_QUEUE = 10_000  # accepted requests waiting for the writer; beyond that: FALSE busy
+MAX_PER_PEER = 100  # requests one connection may have in flight; beyond that: FALSE busy
 MAX_BATCH = 500  # requests per transaction
-MAX_FRAME = 1 << 20  # a bigger message makes ZeroMQ drop the peer instead of buffering it
+MAX_FRAME = 16 << 10  # a bigger frame makes libzmq drop the peer instead of buffering it
+RCVHWM = 64  # messages libzmq buffers per connection before it stops reading from it
+MAX_HOPS = 4  # routing frames (proxies) a request may carry besides the connection's own
+MAX_ROUTING_ID = 255  # bytes; ZMTP allows no longer routing id
 RETRY_MIN, RETRY_MAX = 0.5, 5.0  # seconds between attempts to reach a database that is down
 REPLAY_SLICE = 0.2  # seconds of replay before the writer looks at new requests again
 LINGER_MS = 500
@@ -112,8 +136,11 @@ class FeePlugin:
                 raise
 
     def status(self) -> dict[str, Any]:
+        state = self._state
+        if state in ("running", "spooling") and not all(t.is_alive() for t in self._threads):
+            state = "failed"  # a thread died: the receiver no longer serves
         return {
-            "state": self._state,
+            "state": state,
             "listen": self.endpoint or self._fee.listen,
             "queue": self._queue.qsize() if self._state != "stopped" else 0,
             "spool_pending": self._spool.records,
@@ -131,6 +158,7 @@ class FeePlugin:
         self._router = self._context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, LINGER_MS)
         self._router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        self._router.setsockopt(zmq.RCVHWM, RCVHWM)
         try:
             self._router.bind(self._fee.listen)
         except zmq.ZMQError as exc:
@@ -143,6 +171,7 @@ class FeePlugin:
         self._replies.setsockopt(zmq.RCVHWM, 0)
         self._replies.bind(self._replies_endpoint)
         self._queue: queue.Queue[_Request] = queue.Queue(MAX_QUEUE)
+        self._in_flight: dict[bytes, int] = {}  # connection -> accepted requests not yet answered
         self._accepting = threading.Event()
         self._accepting.set()
         self._quiet = threading.Event()  # the I/O thread has stopped queueing requests
@@ -213,6 +242,12 @@ class FeePlugin:
             except zmq.Again:
                 return
             self._router.send_multipart(frames)
+            peer = frames[0]
+            left = self._in_flight[peer] - 1
+            if left:
+                self._in_flight[peer] = left
+            else:
+                del self._in_flight[peer]
 
     def _receive(self) -> None:
         """Handle what the ROUTER holds now (bounded, so replies are not starved)."""
@@ -224,19 +259,30 @@ class FeePlugin:
             self._counts["requests"] += 1
             envelope, body = _split(frames)
             try:
+                if len(envelope) > MAX_HOPS + 2 or any(len(f) > MAX_ROUTING_ID for f in envelope[1:]):
+                    envelope = frames[:1]  # answer the connection itself, not a route it made up
+                    raise MalformedRequest("invalid routing envelope")
                 if len(body) != 1:
                     raise MalformedRequest("empty request" if not body else "multipart request")
                 fee = parse_request(body[0])
             except MalformedRequest as exc:
                 self._counts["malformed"] += 1
-                log.error("Malformed fee request (%s): %s", exc.reason, escape_body(b"|".join(body)))
+                log.error("Malformed fee request (%s): %s", exc.reason, _excerpt(body))
                 self._router.send_multipart([*envelope, f"FALSE {exc.reason}".encode()])
+                continue
+            peer = envelope[0]
+            in_flight = self._in_flight.get(peer, 0)
+            if in_flight >= MAX_PER_PEER:
+                self._counts["busy"] += 1
+                self._router.send_multipart([*envelope, BUSY])
                 continue
             try:
                 self._queue.put_nowait(_Request(envelope, fee))
             except queue.Full:
                 self._counts["busy"] += 1
-                self._router.send_multipart([*envelope, b"FALSE busy"])
+                self._router.send_multipart([*envelope, BUSY])
+                continue
+            self._in_flight[peer] = in_flight + 1
 
     # -- the writer thread ---------------------------------------------------------------
 
@@ -355,6 +401,15 @@ def _split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     except ValueError:
         cut = 1  # a DEALER peer that sent no delimiter
     return frames[:cut], frames[cut:]
+
+
+def _excerpt(frames: list[bytes]) -> str:
+    """The frames escaped for the log, joined by ``|``, cut past MAX_REQUEST bytes."""
+    text = b"|".join(frame[: MAX_REQUEST + 1] for frame in frames[: MAX_REQUEST + 1])
+    if len(text) <= MAX_REQUEST:
+        return escape_body(text)
+    size = sum(len(f) for f in frames) + len(frames) - 1
+    return f"{escape_body(text[:MAX_REQUEST])} …[cut: {size} bytes in {len(frames)} frame(s)]"
 
 
 def _settings(fee: FeeConfig) -> tuple[str, str, str]:
