@@ -83,6 +83,13 @@ def alive(pid: int) -> bool:
         return False
 
 
+def system_busy_seconds() -> float:
+    """CPU time all processes of the machine have used (every core), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
 def broker_pid() -> int | None:
     """The RabbitMQ node's beam.smp, when it runs on this machine and /proc shows it."""
     for entry in Path("/proc").iterdir():
@@ -164,6 +171,30 @@ class Broker:
             except Exception as exc:
                 problems.append(f"cannot delete {name}: {exc}")
         return problems
+
+
+class Sentinel:
+    """An idle connection held open during a run: if the broker closes it (someone ran
+    ``rabbitmqctl close_all_connections`` or ``stop_app``), the run was disturbed from outside."""
+
+    def __init__(self, url: str) -> None:
+        params = pika.URLParameters(url)
+        params.heartbeat = 0  # it sits idle for minutes
+        self.connection = pika.BlockingConnection(params)
+
+    def disturbed(self) -> bool:
+        try:
+            self.connection.process_data_events(0)
+        except pika.exceptions.AMQPError:
+            return True
+        return not self.connection.is_open
+
+    def close(self) -> None:
+        try:
+            if self.connection.is_open:
+                self.connection.close()
+        except pika.exceptions.AMQPError:
+            pass
 
 
 def bodies(count: int, size: int, start: int = 0) -> Iterator[bytes]:

@@ -121,13 +121,20 @@ def render(results: dict[str, Any]) -> str:
                 _num(med["msgs_per_s"]),
                 _num(med["client_us_per_msg"]),
                 _num(med["broker_us_per_msg"]),
+                _num(med["other_cores"], ".2f"),
                 _num(_ratio(med["msgs_per_s"], base), ".2f"),
                 _num(_ratio(med["msgs_per_s"], php), ".2f"),
             ]
         )
-    out += _table(["consumer", "msg/s", "client µs/msg", "broker µs/msg", "× Blocking", "× php-amqp"], rows)
+    out += _table(
+        ["consumer", "msg/s", "client µs/msg", "broker µs/msg", "other load", "× Blocking", "× php-amqp"],
+        rows,
+    )
     if not results.get("php"):
         out.append("php-amqp consume(), prefetch 1: not measured (php-amqp not installed)")
+    out.append("other load: CPU cores used meanwhile by everything else on the machine (noise)")
+    for note in results.get("disturbances", []):
+        out.append(f"note: {note}")
 
     lat = results.get("latency", {})
     if lat:

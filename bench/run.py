@@ -30,22 +30,26 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pika
+import pika.exceptions
 from harness import (
     ROOT,
     BenchError,
     Broker,
     EdmDaemon,
     LogWatch,
+    Sentinel,
     bodies,
     broker_pid,
     cpu_seconds,
     rss_bytes,
+    system_busy_seconds,
     unique_name,
     wait_lines,
 )
@@ -60,6 +64,7 @@ CONSUMER_NAMES = {
     "edm": "edm (daemon)",
 }
 FEE_CLIENTS = 16
+ATTEMPTS = 3
 
 
 @dataclass
@@ -72,6 +77,7 @@ class Bench:
     daemons: list[EdmDaemon] = field(default_factory=list)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    disturbances: list[str] = field(default_factory=list)
 
     def workdir(self, name: str) -> Path:
         path = self.tmp / name
@@ -127,21 +133,78 @@ def reference_command(b: Bench, kind: str, queue: str, prefetch: int, count: int
     return [sys.executable, str(BENCH / "consumers.py"), *args]
 
 
-def start_reference(b: Bench, kind: str, name: str, prefetch: int, count: int) -> tuple[Any, LogWatch]:
+@dataclass
+class Running:
+    """A consumer under test: edm (its main process and workers) or one reference process."""
+
+    kind: str
+    pids: list[int]
+    watch: LogWatch
+    daemon: EdmDaemon | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def finish(self) -> None:
+        """Stop edm gracefully, or let the reference exit after its last message."""
+        try:
+            if self.daemon is not None:
+                self.daemon.stop()
+            elif self.proc is not None:
+                code = self.proc.wait(30)
+                if code != 0:
+                    raise BenchError(f"the {self.kind} consumer exited with {code}")
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if self.daemon is not None:
+            self.daemon.kill()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_consumer(b: Bench, kind: str, name: str, prefetch: int, count: int) -> Running:
+    if kind == "edm":
+        daemon = b.daemon(name, prefetch)
+        return Running(kind, daemon.start(), daemon.watch(), daemon=daemon)
     directory = b.workdir(name)
     command = reference_command(b, kind, name, prefetch, count, directory / "ref.log")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=(directory / "stderr").open("wb"), env=env
-    )
+    with (directory / "stderr").open("wb") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=env)
     b.processes.append(proc)
-    return proc, LogWatch(directory, "ref.")
+    return Running(kind, [proc.pid], LogWatch(directory, "ref."), proc=proc)
 
 
-def finish_reference(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    code = proc.wait(timeout)
-    if code != 0:
-        raise BenchError(f"{proc.args[0]} consumer exited with {code}")
+def wait_consuming(b: Bench, running: Running, name: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while b.broker.depth(name)[1] < 1:
+        if time.monotonic() > deadline or (running.proc is not None and running.proc.poll() is not None):
+            raise BenchError(f"{running.kind} did not start consuming {name}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Sample:
+    """CPU seconds used so far by the consumer, the broker, this process and the whole machine."""
+
+    client: float
+    broker: float
+    own: float
+    machine: float
+    wall: float
+
+    @classmethod
+    def take(cls, b: Bench, pids: list[int]) -> Sample:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return cls(
+            client=cpu_seconds(pids),
+            broker=b.broker_cpu(),
+            own=own.ru_utime + own.ru_stime,
+            machine=system_busy_seconds(),
+            wall=time.monotonic(),
+        )
 
 
 def consume_run(b: Bench, kind: str, prefetch: int) -> dict[str, Any]:
@@ -150,44 +213,78 @@ def consume_run(b: Bench, kind: str, prefetch: int) -> dict[str, Any]:
     name = unique_name(b.tag, f"{kind}-p{prefetch}")
     b.broker.declare(name)
     b.broker.prefill(name, bodies(n, size), n)
-    daemon: EdmDaemon | None = None
-    proc = None
-    if kind == "edm":
-        daemon = b.daemon(name, prefetch)
-        pids = daemon.start()
-        watch = daemon.watch()
-    else:
-        proc, watch = start_reference(b, kind, name, prefetch, n)
-        pids = [proc.pid]
+    b.beam = broker_pid()
+    running = start_consumer(b, kind, name, prefetch, n)
     try:
-        wait_lines(watch, 1, pids=pids)
-        cpu0, beam0, k0 = cpu_seconds(pids), b.broker_cpu(), watch.count
-        wait_lines(watch, n, pids=pids)
-        cpu1, beam1 = cpu_seconds(pids), b.broker_cpu()
-    finally:
-        if daemon is not None:
-            daemon.stop()
-        elif proc is not None:
-            finish_reference(proc)
+        wait_lines(running.watch, 1, pids=running.pids)
+        s0, k0 = Sample.take(b, running.pids), running.watch.count
+        wait_lines(running.watch, n, pids=running.pids)
+        s1 = Sample.take(b, running.pids)
+    except BaseException:
+        running.abort()
+        raise
+    running.finish()
     left, consumers = b.broker.depth(name)
-    check = watch.verify(n)
+    check = running.watch.verify(n)
     ok = check["lines"] == check["unique"] == n and left == 0 and consumers == 0 and not check["strays"]
     if not ok:
         raise BenchError(f"{kind} prefetch {prefetch}: {check} queue left {left}, consumers {consumers}")
     b.broker.delete(name)
     elapsed = check["last"] - check["first"]
     measured = max(1, n - k0)
+    client, broker = s1.client - s0.client, s1.broker - s0.broker
+    others = (s1.machine - s0.machine) - client - broker - (s1.own - s0.own)
     return {
         "ok": ok,
         "messages": n,
         "seconds": elapsed,
         "msgs_per_s": (n - 1) / elapsed if elapsed > 0 else None,
-        "client_us_per_msg": (cpu1 - cpu0) / measured * 1e6,
-        "broker_us_per_msg": (beam1 - beam0) / measured * 1e6 if b.beam else None,
+        "client_us_per_msg": client / measured * 1e6,
+        "broker_us_per_msg": broker / measured * 1e6 if b.beam else None,
+        # CPU the rest of the machine used meanwhile, in cores: other load skews this run.
+        "other_cores": max(0.0, others) / max(1e-3, s1.wall - s0.wall),
         "queue_left": left,
-        "pids": pids,
+        "pids": running.pids,
         **{k: check[k] for k in ("lines", "unique", "missing", "duplicates", "redelivered")},
     }
+
+
+def attempt(b: Bench, label: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run once; when the broker cut our connections meanwhile (another program restarted it or
+    closed every connection), the numbers mean nothing: run again, up to ATTEMPTS times."""
+    for number in range(1, ATTEMPTS + 1):
+        sentinel = open_sentinel(b.broker.url)
+        error: BaseException | None = None
+        try:
+            result = run()
+        except Exception as exc:
+            error = exc
+        disturbed = sentinel.disturbed()
+        sentinel.close()
+        if disturbed and number < ATTEMPTS:
+            note = f"{label}: attempt {number} disturbed (the broker closed connections); run again"
+            print(f"  {note}", file=sys.stderr, flush=True)
+            b.disturbances.append(note)
+            continue
+        if error is not None:
+            if isinstance(error, BenchError):
+                raise error
+            raise BenchError(f"{type(error).__name__}: {error}") from error
+        result["attempts"] = number
+        return result
+    raise AssertionError("unreachable")
+
+
+def open_sentinel(url: str, timeout: float = 60) -> Sentinel:
+    """A sentinel connection; waits for a broker that is restarting."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return Sentinel(url)
+        except pika.exceptions.AMQPError as exc:
+            if time.monotonic() > deadline:
+                raise BenchError(f"the broker does not answer: {exc!r}") from None
+            time.sleep(1)
 
 
 def consumer_plan(b: Bench, php: str | None) -> list[tuple[str, int]]:
@@ -205,7 +302,7 @@ def throughput(b: Bench, php: str | None) -> dict[str, Any]:
         for kind, prefetch in plan if rep % 2 == 0 else reversed(plan):
             key = f"{kind}-p{prefetch}"
             try:
-                run = consume_run(b, kind, prefetch)
+                run = attempt(b, key, lambda k=kind, p=prefetch: consume_run(b, k, p))
             except BenchError as exc:
                 b.failures.append(f"{key}: {exc}")
                 run = {"ok": False, "error": str(exc)}
@@ -219,7 +316,7 @@ def throughput(b: Bench, php: str | None) -> dict[str, Any]:
         good = [r for r in runs[key] if r["ok"]]
         median = {
             m: statistics.median(r[m] for r in good) if good and good[0].get(m) is not None else None
-            for m in ("msgs_per_s", "client_us_per_msg", "broker_us_per_msg")
+            for m in ("msgs_per_s", "client_us_per_msg", "broker_us_per_msg", "other_cores")
         }
         result[key] = {
             "name": f"{CONSUMER_NAMES[kind]}, prefetch {prefetch}",
@@ -261,29 +358,16 @@ def latency_run(b: Bench, kind: str) -> dict[str, Any]:
     total = int(rate * b.args.latency_seconds)
     name = unique_name(b.tag, f"latency-{kind}")
     b.broker.declare(name)
-    daemon: EdmDaemon | None = None
-    proc = None
-    if kind == "edm":
-        daemon = b.daemon(name, 1)
-        pids = daemon.start()
-        daemon.wait_consuming(b.broker)
-        watch = daemon.watch()
-    else:
-        proc, watch = start_reference(b, kind, name, 1, total)
-        pids = [proc.pid]
-        deadline = time.monotonic() + 20
-        while b.broker.depth(name)[1] < 1:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise BenchError(f"{kind} did not start consuming {name}")
-            time.sleep(0.05)
+    running = start_consumer(b, kind, name, 1, total)
     try:
+        wait_consuming(b, running, name)
         achieved = paced_publish(b.broker.url, name, total, rate, b.args.size)
-        wait_lines(watch, total, pids=pids, stall=30)
-    finally:
-        if daemon is not None:
-            daemon.stop()
-        elif proc is not None:
-            finish_reference(proc)
+        wait_lines(running.watch, total, pids=running.pids, stall=30)
+    except BaseException:
+        running.abort()
+        raise
+    running.finish()
+    watch = running.watch
     check = watch.verify(total)
     left, _ = b.broker.depth(name)
     if not (check["lines"] == check["unique"] == total and left == 0):
@@ -306,6 +390,15 @@ def latency_run(b: Bench, kind: str) -> dict[str, Any]:
     }
 
 
+def latency(b: Bench) -> dict[str, Any]:
+    """edm's latency, and a bare BlockingConnection consumer's for scale."""
+    results = {}
+    for kind in ("edm", "blocking"):
+        if kind not in b.args.skip:
+            results[kind] = attempt(b, f"latency {kind}", lambda k=kind: latency_run(b, k))
+    return results
+
+
 # -- memory -------------------------------------------------------------------------------------
 
 
@@ -320,15 +413,15 @@ def rss_run(b: Bench, total: int, label: str) -> dict[str, Any]:
     """Start edm idle, feed it ``total`` messages (a bounded backlog), sample RSS as it goes."""
     name = unique_name(b.tag, label)
     b.broker.declare(name)
-    daemon = b.daemon(name, 1)
-    pids = daemon.start()
-    daemon.wait_consuming(b.broker)
-    time.sleep(1.0)
-    idle = rss_of(daemon, pids)
-    watch = daemon.watch()
+    running = start_consumer(b, "edm", name, 1, total)
+    daemon, pids, watch = running.daemon, running.pids, running.watch
+    assert daemon is not None
     chunk = min(20000, total)
     samples = []
     try:
+        wait_consuming(b, running, name)
+        time.sleep(1.0)
+        idle = rss_of(daemon, pids)
         for start in range(0, total, chunk):
             wait_lines(watch, max(0, start - chunk), pids=pids)
             count = min(chunk, total - start)
@@ -337,8 +430,10 @@ def rss_run(b: Bench, total: int, label: str) -> dict[str, Any]:
         wait_lines(watch, total, pids=pids)
         time.sleep(0.5)
         after = rss_of(daemon, pids)
-    finally:
-        daemon.stop()
+    except BaseException:
+        running.abort()
+        raise
+    running.finish()
     check = watch.verify(total)
     left, _ = b.broker.depth(name)
     if not (check["lines"] == check["unique"] == total and left == 0):
@@ -542,14 +637,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"edm bench {b.tag}: {args.messages} × {args.size} B, {args.reps} rep(s)", file=sys.stderr)
     steps: list[tuple[str, Any]] = [("throughput", lambda: throughput(b, php))]
     if "latency" not in args.skip:
-        kinds = [k for k in ("edm", "blocking") if k not in args.skip]
-        steps.append(("latency", lambda: {k: latency_run(b, k) for k in kinds}))
+        steps.append(("latency", lambda: latency(b)))
     if "rss" not in args.skip:
-        steps.append(("rss", lambda: rss_run(b, args.rss_messages, "rss")))
+        steps.append(("rss", lambda: attempt(b, "rss", lambda: rss_run(b, args.rss_messages, "rss"))))
     if args.soak:
-        steps.append(("soak", lambda: rss_run(b, args.soak, "soak")))
+        steps.append(("soak", lambda: attempt(b, "soak", lambda: rss_run(b, args.soak, "soak"))))
     if "publish" not in args.skip:
-        steps.append(("publish", lambda: publish_run(b)))
+        steps.append(("publish", lambda: attempt(b, "publish", lambda: publish_run(b))))
     if "fee" not in args.skip:
         steps.append(("fee", lambda: fee_runs(b)))
     try:
@@ -557,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} …", file=sys.stderr, flush=True)
             try:
                 results[name] = step()
-            except BenchError as exc:
+            except Exception as exc:
                 b.failures.append(f"{name}: {exc}")
                 results[name] = {"ok": False, "error": str(exc)}
     finally:
@@ -567,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     results["php"] = php
     results["targets"] = evaluate(results)
     results["failures"] = b.failures
+    results["disturbances"] = b.disturbances
     results["correct"] = not b.failures
     print(render(results))
     if args.json:
