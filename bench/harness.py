@@ -108,7 +108,8 @@ def broker_pid() -> int | None:
 @dataclass
 class Broker:
     url: str
-    names: set[str] = field(default_factory=set)
+    names: set[str] = field(default_factory=set)  # still to delete
+    created: list[str] = field(default_factory=list)
 
     def _channel(self) -> tuple[pika.BlockingConnection, Any]:
         connection = pika.BlockingConnection(pika.URLParameters(self.url))
@@ -126,6 +127,7 @@ class Broker:
         """A durable direct exchange and a durable queue, both called ``name``, bound by ``name``:
         the same topology edm declares (and the PHP daemon did)."""
         self.names.add(name)
+        self.created.append(name)
         connection, channel = self._channel()
         try:
             channel.exchange_declare(name, "direct", durable=True)

@@ -6,6 +6,7 @@ from typing import Any
 
 MIB = 1024 * 1024
 RSS_LIMIT_MIB = 40
+BUSY_CORES = 0.25
 SOAK_GROWTH_MIB = 2  # allocator noise; a leak of even 2 bytes a message shows over 1M messages
 
 
@@ -133,6 +134,12 @@ def render(results: dict[str, Any]) -> str:
     if not results.get("php"):
         out.append("php-amqp consume(), prefetch 1: not measured (php-amqp not installed)")
     out.append("other load: CPU cores used meanwhile by everything else on the machine (noise)")
+    busy = [c["median"]["other_cores"] for c in thr.values() if c["median"].get("other_cores") is not None]
+    if busy and max(busy) > BUSY_CORES:
+        out.append(
+            f"WARNING: other programs used up to {max(busy):.2f} cores during these runs; "
+            "on a 2-core machine that skews the ratios — run again on a quiet machine"
+        )
     for note in results.get("disturbances", []):
         out.append(f"note: {note}")
 

@@ -65,6 +65,7 @@ CONSUMER_NAMES = {
 }
 FEE_CLIENTS = 16
 ATTEMPTS = 3
+QUIET = 0.25  # cores the rest of the machine may use when a run starts (with --wait-quiet)
 
 
 @dataclass
@@ -249,10 +250,26 @@ def consume_run(b: Bench, kind: str, prefetch: int) -> dict[str, Any]:
     }
 
 
+def wait_quiet(b: Bench) -> float:
+    """Wait (up to --wait-quiet s) until the rest of the machine uses less than QUIET cores;
+    return the cores it used in the last look."""
+    deadline = time.monotonic() + b.args.wait_quiet
+    while True:
+        own0, busy0 = resource.getrusage(resource.RUSAGE_SELF), system_busy_seconds()
+        time.sleep(0.5)
+        own1, busy1 = resource.getrusage(resource.RUSAGE_SELF), system_busy_seconds()
+        own = (own1.ru_utime + own1.ru_stime) - (own0.ru_utime + own0.ru_stime)
+        load = max(0.0, busy1 - busy0 - own) / 0.5
+        if load < QUIET or time.monotonic() > deadline:
+            return load
+
+
 def attempt(b: Bench, label: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run once; when the broker cut our connections meanwhile (another program restarted it or
     closed every connection), the numbers mean nothing: run again, up to ATTEMPTS times."""
     for number in range(1, ATTEMPTS + 1):
+        if b.args.wait_quiet > 0:
+            wait_quiet(b)
         sentinel = open_sentinel(b.broker.url)
         error: BaseException | None = None
         try:
@@ -599,6 +616,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=1000.0, help="latency: messages per second")
     p.add_argument("--latency-seconds", type=float, default=10.0)
     p.add_argument("--fee-requests", type=int, default=20000)
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="before each run wait up to S s for the rest of the machine to go quiet (0: never)",
+    )
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip: {','.join(PARTS)}")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (CI)")
@@ -613,7 +637,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     if args.quick:
         args.messages, args.reps, args.rss_messages, args.publish_messages = 2000, 1, 2000, 2000
-        args.latency_seconds, args.fee_requests = 2.0, 320
+        args.latency_seconds, args.fee_requests, args.wait_quiet = 2.0, 320, 0.0
     if args.size < 30:
         p.error("--size: at least 30 bytes (the latency bodies carry a sequence number and a time)")
     return args
@@ -656,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"ok": False, "error": str(exc)}
     finally:
         results["cleanup"] = cleanup(b)
+        results["queues"] = queues_made(b)
     if "soak" in results and results["soak"].get("ok"):
         results["soak"]["growth"] = soak_growth(results["soak"])
     results["php"] = php
@@ -693,6 +718,10 @@ def cleanup(b: Bench) -> dict[str, Any]:
         b.failures.append(f"cleanup: {problem}")
     pids = sorted({pid for d in b.daemons for pid in d.seen_pids})
     return {"killed": killed, "tables_dropped": tables, "problems": problems, "edm_pids": pids}
+
+
+def queues_made(b: Bench) -> list[str]:
+    return [q for name in b.broker.created for q in (name, f"{name}.dead")]
 
 
 if __name__ == "__main__":
