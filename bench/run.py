@@ -706,6 +706,10 @@ def cleanup(b: Bench) -> dict[str, Any]:
             killed.append(proc.pid)
     for daemon in b.daemons:
         killed += daemon.kill()
+    try:
+        open_sentinel(b.broker.url).close()  # a broker restarted by someone else: wait for it
+    except BenchError:
+        pass
     problems = b.broker.cleanup()
     tables: list[str] = []
     if "fee" not in b.args.skip:
