@@ -131,8 +131,8 @@ def drop(url: str, table: str) -> None:
         con.close()
 
 
-def bench_edm(url: str, clients: int, total: int, pool_size: int) -> dict[str, float]:
-    table = f"bench_fee_{secrets.token_hex(4)}"
+def bench_edm(url: str, clients: int, total: int, pool_size: int, tag: str = "") -> dict[str, float]:
+    table = f"bench_fee_{tag}{secrets.token_hex(4)}"
     with tempfile.TemporaryDirectory() as tmp:
         raw = {
             "database": {"url": url, "pool_size": pool_size},
@@ -157,9 +157,9 @@ def bench_edm(url: str, clients: int, total: int, pool_size: int) -> dict[str, f
     return {"requests": trues, "seconds": elapsed, "requests_per_s": trues / elapsed, "rows": rows}
 
 
-def bench_reference(url: str, clients: int, total: int) -> dict[str, float]:
+def bench_reference(url: str, clients: int, total: int, tag: str = "") -> dict[str, float]:
     """REP socket, TRUE at once, INSERT (N) then UPDATE (Y) per fee in a thread pool."""
-    table = f"bench_ref_{secrets.token_hex(4)}"
+    table = f"bench_ref_{tag}{secrets.token_hex(4)}"
     setup = connect(url)
     with setup.cursor() as cur:
         columns = "ticket BIGINT PRIMARY KEY, login BIGINT, volume DECIMAL(20,4), status CHAR(1)"
@@ -232,12 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool-size", type=int, default=8)
     parser.add_argument("--db-url", default="mysql://root@127.0.0.1:3306/test")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--tag", default="", help="table name prefix, so a caller can drop what a killed run left"
+    )
     args = parser.parse_args(argv)
     if urlsplit(args.db_url).hostname not in ("127.0.0.1", "localhost", "::1"):
         parser.error("--db-url: only loopback databases")
     total = args.requests // args.clients * args.clients
-    edm = bench_edm(args.db_url, args.clients, total, args.pool_size)
-    ref = bench_reference(args.db_url, args.clients, total)
+    if not args.tag.isalnum() and args.tag:
+        parser.error("--tag: letters and digits only")
+    edm = bench_edm(args.db_url, args.clients, total, args.pool_size, args.tag)
+    ref = bench_reference(args.db_url, args.clients, total, args.tag)
     result = {
         "clients": args.clients,
         "requests": total,
