@@ -71,6 +71,7 @@ class Consumer:
         self.ioloop = ioloop or IOLoop()
         self._emit = emit
         self._connection: SelectConnection | None = None
+        self._connection_url = ""
         self._channel: pika.channel.Channel | None = None
         self._consumer_tag: str | None = None
         self._generation = 0
@@ -132,7 +133,8 @@ class Consumer:
             "dead_lettered": self.dead,
             "queue": self.amqp.queue,
             "queue_depth": self.queue_depth,
-            "broker": mask_url(self.connected_url) if self.connected_url else None,
+            # the broker in use, or the one being tried while connecting or backing off
+            "broker": mask_url(self._connection_url) if self._connection_url else None,
             "since": self.since,
         }
 

@@ -25,6 +25,17 @@ WORKER_KEYS = (
     "queue",
     "queue_depth",
 )
+PLUGIN_ORDER = (
+    "requests",
+    "stored",
+    "spooled",
+    "replayed",
+    "duplicates",
+    "malformed",
+    "busy",
+    "queue",
+    "spool_pending",
+)
 STALE_AFTER = 10.0  # seconds without a rewrite of the status file before status warns
 
 
@@ -99,9 +110,10 @@ def _plugin_line(name: str, status: Any) -> str:
     parts = [f"    {name}: {status.get('state', '?')}"]
     if status.get("listen"):
         parts.append(f"listen {status['listen']}")
-    for key, value in status.items():
-        if key not in ("state", "listen"):
-            parts.append(f"{key.replace('_', ' ')} {value}")
+    # The status file sorts keys; show the counters in the order a request moves through them.
+    rest = [k for k in status if k not in ("state", "listen")]
+    rest.sort(key=lambda k: (PLUGIN_ORDER.index(k) if k in PLUGIN_ORDER else len(PLUGIN_ORDER), k))
+    parts.extend(f"{key.replace('_', ' ')} {status[key]}" for key in rest)
     return ", ".join(parts)
 
 

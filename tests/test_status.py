@@ -116,6 +116,21 @@ def test_status_json_after_the_worker_is_killed(edm_env: EdmEnv) -> None:
     assert stopped["workers"] == {} and stopped["plugins"] == {}
 
 
+def test_status_json_while_the_broker_is_down(edm_env: EdmEnv) -> None:
+    edm_env.doc["amqp"]["url"] = "amqp://guest:guest@127.0.0.1:1/%2F"
+    edm_env.write_config()
+    assert edm_env.cli("start").returncode == 0
+
+    def retrying() -> dict[str, Any] | None:
+        consumer = status_json(edm_env)["workers"]["consumer"]
+        return consumer if consumer["activity"] in ("connecting", "backing off") else None
+
+    consumer = wait_for(retrying, timeout=10, interval=0.2)
+    assert consumer["broker"] == "amqp://guest:***@127.0.0.1:1/%2F"  # the one being tried
+    assert consumer["queue_depth"] is None  # the broker does not answer: unknown, not 0
+    assert edm_env.cli("stop").returncode == 0
+
+
 def test_status_json_of_a_dead_daemon(edm_env: EdmEnv) -> None:
     pid = edm_env.start()
     for p in edm_env.all_pids():
@@ -164,14 +179,22 @@ def test_describe_the_fee_plugin() -> None:
         "state": "RUNNING",
         "activity": "running",
         "restarts": 0,
-        "plugins": {"fee": {"state": "running", "listen": "tcp://127.0.0.1:5555", "stored": 4, "spooled": 0}},
+        "plugins": {
+            "fee": {
+                "busy": 0,
+                "listen": "tcp://127.0.0.1:5555",
+                "requests": 5,
+                "state": "running",
+                "stored": 4,
+            },
+        },
     }
     doc = document("running", 10, 0, state, now)
     assert doc["plugins"]["fee"]["stored"] == 4
     assert "plugins" not in doc["workers"]["plugins"]
     lines = describe(doc, now)
     assert lines[-2] == "  plugins: RUNNING, pid 12, running, restarts 0"
-    assert lines[-1] == "    fee: running, listen tcp://127.0.0.1:5555, stored 4, spooled 0"
+    assert lines[-1] == "    fee: running, listen tcp://127.0.0.1:5555, requests 5, stored 4, busy 0"
 
 
 def test_describe_warns_when_the_status_file_is_old() -> None:
