@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from edm import __version__
 from edm.broker import mask_text
@@ -236,13 +235,16 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from edm import status as report
+
     try:
         config = _essentials(args)
         status = read_status(config.pidfile)
     except (ConfigError, PidfileError) as exc:
         _err(str(exc))
         if args.json:
-            print(json.dumps({"status": "unknown", "error": mask_text(str(exc))}))
+            doc = report.document("unknown", None, STATUS_UNKNOWN, None)
+            print(json.dumps({**doc, "error": mask_text(str(exc))}, sort_keys=True))
         return STATUS_UNKNOWN
     state = read_state(status_path(config.pidfile)) if status.state is PidState.RUNNING else None
     if status.state is PidState.RUNNING:
@@ -251,50 +253,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         code, first = STATUS_DEAD, f"edm is dead but pidfile exists (pid {status.pid})"
     else:
         code, first = STATUS_NOT_RUNNING, "edm is not running"
+    doc = report.document(status.state.value, status.pid, code, state)
     if args.json:
-        doc: dict[str, Any] = {"status": status.state.value, "pid": status.pid, "exit_code": code}
-        if state is not None:
-            doc.update({k: v for k, v in state.items() if k != "pid"})
         print(json.dumps(doc, sort_keys=True, default=str))
         return code
     print(first)
-    if state is not None:
-        for line in _describe_state(state):
-            print(line)
+    for line in report.describe(doc):
+        print(line)
     return code
-
-
-def _describe_state(state: dict[str, Any]) -> list[str]:
-    lines = []
-    started = state.get("started")
-    if isinstance(started, (int, float)):
-        lines.append(f"  uptime: {_duration(time.time() - started)}")
-    workers = state.get("workers") or {}
-    for name, w in sorted(workers.items()):
-        if not isinstance(w, dict):
-            continue
-        parts = [f"  {name}: {w.get('state', '?')}"]
-        if w.get("pid"):
-            parts.append(f"pid {w['pid']}")
-        if w.get("activity"):
-            parts.append(str(w["activity"]))
-        for key in ("handled", "dead_lettered", "restarts"):
-            if key in w:
-                parts.append(f"{key.replace('_', ' ')} {w[key]}")
-        if w.get("broker"):
-            parts.append(f"broker {w['broker']}")
-        if w.get("last_error"):
-            parts.append(f"last error: {w['last_error']}")
-        lines.append(", ".join(parts))
-    return lines
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

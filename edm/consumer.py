@@ -39,6 +39,7 @@ Emit = Callable[[dict[str, Any]], None]
 
 RETRY_DELAY = 0.2  # seconds before the first retry of a failing handler; doubles each time
 RETRY_DELAY_MAX = 5.0
+DEPTH_INTERVAL = 5.0  # seconds between passive declares that read the queue's depth for status
 
 
 class Message:
@@ -90,6 +91,7 @@ class Consumer:
         self.ioloop = ioloop or IOLoop()
         self._emit = emit
         self._connection: SelectConnection | None = None
+        self._connection_url = ""
         self._channel: pika.channel.Channel | None = None
         self._consumer_tag: str | None = None
         self._generation = 0
@@ -118,6 +120,8 @@ class Consumer:
         self.dead = 0
         self.connected_url: str | None = None
         self.since = time.time()
+        self.queue_depth: int | None = None  # messages ready in the queue; None while unknown
+        self._depth_asked = False
 
     # -- public, called from the I/O loop's thread -------------------------------------------
 
@@ -126,6 +130,7 @@ class Consumer:
         self._running = True
         with self._io:
             self._connect()
+            self.ioloop.call_later(DEPTH_INTERVAL, self._poll_depth)
 
     def run(self) -> None:
         """Drive the I/O loop and handle deliveries until ``stop`` has finished."""
@@ -172,7 +177,9 @@ class Consumer:
             "handled": self.handled,
             "dead_lettered": self.dead,
             "queue": self.amqp.queue,
-            "broker": mask_url(self.connected_url) if self.connected_url else None,
+            "queue_depth": self.queue_depth,
+            # the broker in use, or the one being tried while connecting or backing off
+            "broker": mask_url(self._connection_url) if self._connection_url else None,
             "since": self.since,
         }
 
@@ -220,6 +227,7 @@ class Consumer:
         else:
             log.warning("Lost the connection to %s: %s.", mask_url(self._connection_url), describe(reason))
         self.connected_url = None
+        self.queue_depth = None
         self._after_close()
 
     def _after_close(self) -> None:
@@ -273,6 +281,7 @@ class Consumer:
     def _on_channel_open(self, channel: pika.channel.Channel) -> None:
         self._channel = channel
         self._publish_seq = 0
+        self._depth_asked = False
         channel.add_on_close_callback(self._on_channel_closed)
         a = self.amqp
         channel.exchange_declare(
@@ -287,10 +296,13 @@ class Consumer:
             a.queue,
             durable=a.durable,
             arguments=dict(a.queue_arguments) or None,
-            callback=lambda _f: channel.queue_bind(
-                a.queue, a.exchange, a.routing_key, callback=lambda _g: self._declare_dead()
-            ),
+            callback=lambda frame: self._bind_queue(channel, frame),
         )
+
+    def _bind_queue(self, channel: pika.channel.Channel, declared: pika.frame.Method) -> None:
+        self._on_depth(declared)
+        a = self.amqp
+        channel.queue_bind(a.queue, a.exchange, a.routing_key, callback=lambda _f: self._declare_dead())
 
     def _declare_dead(self) -> None:
         a = self.amqp
@@ -341,6 +353,30 @@ class Consumer:
             if not (self._stopping or self._pending is not None):
                 log.error("The broker closed the channel: %s.", describe(reason))
             self._connection.close()
+
+    # -- queue depth, for status ---------------------------------------------------------------
+
+    def _poll_depth(self) -> None:
+        """Every DEPTH_INTERVAL, one passive declare on the open channel (never two in flight).
+
+        It runs on the I/O loop between deliveries, so the message path never waits for it.
+        """
+        if self._stopping:
+            return
+        self.ioloop.call_later(DEPTH_INTERVAL, self._poll_depth)
+        channel = self._channel
+        if self._depth_asked or self._draining or self._consumer_tag is None:
+            return
+        if channel is None or not channel.is_open:
+            return
+        self._depth_asked = True
+        channel.queue_declare(self.amqp.queue, passive=True, callback=self._on_depth)
+
+    def _on_depth(self, frame: pika.frame.Method) -> None:
+        self._depth_asked = False
+        count = getattr(frame.method, "message_count", None)
+        if isinstance(count, int):
+            self.queue_depth = count
 
     # -- messages ------------------------------------------------------------------------------
 

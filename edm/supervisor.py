@@ -318,7 +318,8 @@ class Supervisor:
             "workers": {
                 name: {
                     **{k: v for k, v in w.info.items() if k != "state"},
-                    "activity": w.info.get("state"),
+                    # a dead worker does nothing, whatever it last reported
+                    "activity": w.info.get("state") if w.pid is not None else None,
                     "pid": w.pid,
                     "state": w.state,
                     "restarts": w.restarts,

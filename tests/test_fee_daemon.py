@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -67,6 +68,20 @@ def test_fee_plugin_in_the_daemon(make_env) -> None:
         assert f"plugins: RUNNING, pid {env.worker_pid('plugins')}" in status.stdout or (
             f"plugins: STARTING, pid {env.worker_pid('plugins')}" in status.stdout
         )
+
+        # the fee receiver's own state and counters, for people and for machines
+        def fee_status() -> dict | None:
+            doc = json.loads(env.cli("status", "--json").stdout)
+            fee = doc["plugins"].get("fee")
+            return fee if fee and fee["stored"] == 4 else None  # the repeat counts as stored
+
+        fee = wait_for(fee_status, timeout=5)
+        assert fee["state"] == "running"
+        assert fee["listen"] == f"tcp://127.0.0.1:{port}"
+        assert (fee["requests"], fee["duplicates"], fee["malformed"]) == (5, 1, 1)
+        lines = env.cli("status").stdout.splitlines()
+        assert f"    fee: running, listen tcp://127.0.0.1:{port}" in "\n".join(lines)
+        assert any("stored 4" in line and "malformed 1" in line for line in lines if "fee:" in line)
 
         # the plugin worker is supervised like the consumer
         worker = env.worker_pid("plugins")
