@@ -84,11 +84,24 @@ def connect_blocking(urls: Sequence[str], heartbeat: int | None = None) -> pika.
     raise BrokerError("cannot connect to the broker: " + "; ".join(problems))
 
 
-def describe(exc: BaseException) -> str:
-    """A short, password-free description of a pika exception."""
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, pika.exceptions.AMQPConnectionError) and exc.args:
-        inner = exc.args[0]
-        if isinstance(inner, BaseException):
-            text = str(inner) or type(inner).__name__
-    return mask_url(text)
+def describe(exc: BaseException | str) -> str:
+    """The innermost cause of a broker error, in words, without a password."""
+    seen = 0
+    while isinstance(exc, BaseException) and seen < 10:
+        seen += 1
+        nested = [e for e in getattr(exc, "exceptions", None) or () if isinstance(e, BaseException)]
+        if nested:
+            exc = nested[-1]
+        elif isinstance(getattr(exc, "exception", None), BaseException):
+            exc = exc.exception  # type: ignore[attr-defined]  # pika's connector errors
+        elif exc.args and isinstance(exc.args[0], BaseException):
+            exc = exc.args[0]
+        else:
+            break
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
+        return "authentication failed (check the user name and password)"
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
+        return "access denied (check the virtual host and the user's permissions)"
+    return mask_url(str(exc) or type(exc).__name__)

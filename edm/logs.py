@@ -294,4 +294,12 @@ def setup_logging(daily: DailyLog, level: str, secrets: tuple[str, ...] = ()) ->
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # pika logs every failed connection attempt at ERROR with its own stack; edm logs one
+    # clear line per attempt itself ("Cannot connect to <masked url>: <cause>").
+    for name in (
+        "pika.adapters.utils.connection_workflow",
+        "pika.adapters.utils.io_services_utils",
+        "pika.adapters.base_connection",
+    ):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     return handler

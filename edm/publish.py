@@ -182,7 +182,7 @@ class _Publisher:
         params.client_properties = {"connection_name": "edm publish", "product": "edm"}
 
         def on_open_error(_connection: object, exc: BaseException | str) -> None:
-            reason = open_error_reason(exc)
+            reason = describe(exc)
             self.connect_errors.append(f"{mask_url(url)}: {reason}")
             self._connect(index + 1)
 
@@ -361,29 +361,6 @@ class _Publisher:
             self.progress.flush()
         except (OSError, ValueError):
             self.progress = None
-
-
-def open_error_reason(exc: BaseException | str) -> str:
-    """The innermost cause of a failed connection attempt, in words, without a password."""
-    seen = 0
-    while isinstance(exc, BaseException) and seen < 10:
-        seen += 1
-        nested = [e for e in getattr(exc, "exceptions", None) or () if isinstance(e, BaseException)]
-        if nested:
-            exc = nested[-1]
-        elif isinstance(getattr(exc, "exception", None), BaseException):
-            exc = exc.exception  # type: ignore[attr-defined]  # pika's connector errors
-        elif exc.args and isinstance(exc.args[0], BaseException):
-            exc = exc.args[0]
-        else:
-            break
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
-        return "authentication failed (check the user name and password)"
-    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
-        return "access denied (check the virtual host and the user's permissions)"
-    return mask_url(str(exc) or type(exc).__name__)
 
 
 def _describe_read_error(exc: BaseException) -> str:
