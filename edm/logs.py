@@ -293,6 +293,9 @@ def setup_logging(daily: DailyLog, level: str, secrets: tuple[str, ...] = ()) ->
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # pika calls log.debug() several times per message; with DEBUG off this makes each call
+    # return after one comparison instead of walking the logger hierarchy.
+    logging.disable(logging.DEBUG if logging.getLevelName(level) > logging.DEBUG else logging.NOTSET)
     logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # pika logs every failed connection attempt at ERROR with its own stack; edm logs one
     # clear line per attempt itself ("Cannot connect to <masked url>: <cause>").
