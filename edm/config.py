@@ -23,6 +23,8 @@ from edm.errors import ConfigError
 
 SYSTEM_CONFIG = Path("/etc/edm/mq.yaml")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# A file without these is more likely a wrong file than a wish for every default.
+REQUIRED_SECTIONS = ("amqp", "log", "daemon")
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,9 @@ def load(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for name in REQUIRED_SECTIONS:
+        if name not in raw:
+            raise ConfigError(f"{name}: missing section (write '{name}: {{}}' to take every default)")
     return parse(raw, path.resolve(), environ)
 
 

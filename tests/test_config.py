@@ -115,6 +115,8 @@ def test_url_list_and_relative_paths(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
+        ("", "amqp: missing section"),
+        ("amqp: {}\nlog: {}\n", "daemon: missing section"),
         ("a: &x [1]\nb: *x\n", "aliases are not allowed"),
         ("amqp: !!python/object/apply:os.system ['true']\n", "invalid YAML"),
         ("amqp: {prefetch: 1}\namqp: {prefetch: 2}\n", "duplicate key"),
