@@ -67,8 +67,6 @@ def cmd_start(args: argparse.Namespace) -> int:
         print(f"edm is already running (pid {status.pid})")
         return OK
     _check_startable(config)
-    for warning in config.warnings:
-        print(f"edm: warning: {warning}", file=sys.stderr)
     try:
         pid = detach(config.daemon.umask, lambda report: serve(config, report), START_TIMEOUT)
     except EdmError as exc:
@@ -285,11 +283,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     load_handler(config.amqp.handler)
-    warnings = list(config.warnings)
     pw = password_warning(config)
-    if pw:
-        warnings.append(pw)
-    for warning in warnings:
+    for warning in [pw] if pw else []:
         print(f"warning: {mask_text(warning)}")
     print(f"{config.path}: OK")
     return OK

@@ -89,7 +89,6 @@ class Config:
     daemon: DaemonConfig
     database: DatabaseConfig
     plugins: PluginsConfig
-    warnings: tuple[str, ...] = ()
 
 
 def find_config(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path:
@@ -154,7 +153,6 @@ def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] = os.en
     base = path.parent
     sections = {"amqp", "log", "daemon", "database", "plugins"}
     _reject_unknown("", raw, sections)
-    warnings: list[str] = []
     amqp = _parse_amqp(_section(raw, "amqp"), environ)
     log = _parse_log(_section(raw, "log"), base)
     daemon = _parse_daemon(_section(raw, "daemon"), base)
@@ -162,7 +160,7 @@ def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] = os.en
     plugins = _parse_plugins(_section(raw, "plugins"), base)
     if plugins.fee.enabled and database.url is None:
         raise ConfigError("database.url: required when plugins.fee.enabled is true")
-    return Config(path, amqp, log, daemon, database, plugins, tuple(warnings))
+    return Config(path, amqp, log, daemon, database, plugins)
 
 
 def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:

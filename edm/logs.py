@@ -105,24 +105,6 @@ def unescape_body(line: str) -> bytes:
     return bytes(out)
 
 
-def cut_escaped(escaped: str, body: bytes, max_line: int) -> str:
-    """Cut an escaped body past ``max_line`` bytes and say what was cut."""
-    if max_line <= 0:
-        return escaped
-    encoded = escaped.encode("utf-8")
-    if len(encoded) <= max_line:
-        return escaped
-    head = encoded[:max_line].decode("utf-8", "ignore")
-    digest = hashlib.sha256(body).hexdigest()
-    return f"{head} …[cut: {len(body)} bytes, sha256 {digest}]"
-
-
-def format_time(now: float) -> str:
-    """``YYYY-MM-DD HH:MM:SS,mmm`` in local time."""
-    t = time.localtime(now)
-    return time.strftime("%Y-%m-%d %H:%M:%S", t) + f",{int(now * 1000) % 1000:03d}"
-
-
 class DailyLog:
     """Writes whole lines to ``<dir>/<name>.<YYYY-MM-DD>.log``, switching files at midnight."""
 

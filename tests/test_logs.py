@@ -13,7 +13,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edm.handlers import MessageLog
-from edm.logs import DailyLog, cut_escaped, escape_body, escape_body_bytes, message_text, unescape_body
+from edm.logs import DailyLog, escape_body, escape_body_bytes, message_text, unescape_body
+
+
+def cut_escaped(escaped: str, body: bytes, max_line: int) -> str:
+    """The contract's cut, written the obvious way: the reference message_text must match."""
+    if max_line <= 0:
+        return escaped
+    encoded = escaped.encode("utf-8")
+    if len(encoded) <= max_line:
+        return escaped
+    head = encoded[:max_line].decode("utf-8", "ignore")
+    digest = hashlib.sha256(body).hexdigest()
+    return f"{head} …[cut: {len(body)} bytes, sha256 {digest}]"
 
 
 @pytest.mark.parametrize(
