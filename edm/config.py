@@ -355,23 +355,13 @@ def _parse_database(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Datab
 
 def check_database_url(url: str, key: str = "database.url") -> str:
     """Accept mysql://user:pass@host[:port]/db and sqlite:///path; never echo the password."""
-    from edm.broker import mask_url
+    from edm.db import parse_url  # edm.db imports this module
+    from edm.errors import DatabaseError
 
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise ConfigError(f"{key}: invalid URL {mask_url(url)}") from None
-    if parts.scheme == "sqlite":
-        if parts.netloc or not parts.path or parts.path == "/":
-            raise ConfigError(f"{key}: {mask_url(url)} must look like sqlite:///path/to/file.db")
-    elif parts.scheme == "mysql":
-        if not parts.hostname or not parts.path.strip("/"):
-            raise ConfigError(f"{key}: {mask_url(url)} must look like mysql://user:pass@host/db")
-        if port is not None and not 0 < port < 65536:
-            raise ConfigError(f"{key}: {mask_url(url)} has an invalid port")
-    else:
-        raise ConfigError(f"{key}: {mask_url(url)} must start with mysql:// or sqlite:///")
+        parse_url(url)
+    except DatabaseError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
     return url
 
 
