@@ -5,6 +5,14 @@ small pool of stdlib ``sqlite3`` connections in WAL mode. Either way no more tha
 ``database.pool_size`` connections are ever open: a caller that finds them all in use waits.
 Driver exceptions are translated into ``DatabaseError`` where they leave this module, with
 any password masked.
+
+MySQL connections run at READ COMMITTED: with REPEATABLE READ an ``UPDATE … WHERE key IN
+(…)`` that the optimizer runs as a scan (it does on a small table) locks every row it
+passes, so concurrent writers of disjoint rows deadlock.
+
+MySQL connections also allow multi-statement packets so that ``atomic()`` can send a whole
+transaction in one round trip. Every value is still a bound parameter escaped by the
+driver, so a value can never end one statement and start another.
 """
 
 from __future__ import annotations
@@ -12,8 +20,8 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -73,10 +81,78 @@ def parse_url(url: str) -> DatabaseUrl:
     raise DatabaseError(f"{mask_text(url)} must start with mysql:// or sqlite:///")
 
 
-class Database:
-    """A bounded pool of DB-API connections; use ``connection()`` or ``transaction()``."""
+class Transactions:
+    """``connection()``, ``transaction()`` and ``atomic()`` over what ``_checkout()`` hands out."""
 
     dialect: Dialect
+
+    @property
+    def placeholder(self) -> str:
+        """The parameter marker of this dialect's driver (paramstyle)."""
+        return "%s" if self.dialect == "mysql" else "?"
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        """A pooled DB-API connection, rolled back on exit."""
+        with self._checkout() as (con, _):
+            yield con
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A cursor inside an explicit transaction: committed on success, rolled back on error.
+
+        The transaction is begun explicitly so the pool never silently reconnects and
+        re-runs a later statement on a fresh connection after an earlier one was lost.
+        """
+        with self._checkout() as (con, clean):
+            self._begin(con)
+            cursor = con.cursor()
+            try:
+                yield cursor
+                con.commit()
+                clean.append(True)  # committed: no rollback round trip on the way back
+            finally:
+                with suppress(Exception):  # a dead connection cannot close its cursor
+                    cursor.close()
+
+    def atomic(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Run the statements as one transaction, all or nothing; raise DatabaseError on failure.
+
+        MySQL gets them between START TRANSACTION and COMMIT in one packet: one round trip,
+        and the server stops at the first failing statement, so nothing after it (the
+        COMMIT included) runs. A lost connection may make the pool resend the packet on a
+        fresh one, which is safe because the packet is the whole transaction. sqlite runs
+        them in ``transaction()``.
+        """
+        if self.dialect != "mysql":
+            with self.transaction() as cur:
+                for sql, params in statements:
+                    cur.execute(sql, params)
+            return
+        sql = "; ".join(["START TRANSACTION", *(sql for sql, _ in statements), "COMMIT"])
+        params = [param for _, values in statements for param in values]
+        with self._checkout() as (con, clean):
+            cursor = con.cursor()
+            try:
+                cursor.execute(sql, params)
+                while cursor.nextset():  # a failing statement raises here; the COMMIT's OK ends it
+                    pass
+                clean.append(True)
+            finally:
+                with suppress(Exception):
+                    cursor.close()
+
+    def _checkout(self) -> AbstractContextManager[tuple[Any, list[bool]]]:
+        """A connection and a list to append True to once it needs no rollback; errors translated."""
+        raise NotImplementedError
+
+    def _begin(self, con: Any) -> None:
+        raise NotImplementedError
+
+
+class Database(Transactions):
+    """A bounded pool of DB-API connections; use ``connection()``, ``transaction()``,
+    ``atomic()``, or ``session()`` for a series of them on one connection."""
 
     def __init__(self, url: DatabaseUrl, pool_size: int, masked_url: str) -> None:
         self.dialect = url.dialect
@@ -97,34 +173,13 @@ class Database:
             raise DatabaseError("database.url: not set")
         return cls(parse_url(cfg.url), cfg.pool_size, mask_text(cfg.url))
 
-    @property
-    def placeholder(self) -> str:
-        """The parameter marker of this dialect's driver (paramstyle)."""
-        return "%s" if self.dialect == "mysql" else "?"
+    def session(self) -> Session:
+        """A Session: one pooled connection kept for a series of transactions until closed."""
+        return Session(self)
 
-    @contextmanager
-    def connection(self) -> Iterator[Any]:
-        """A pooled DB-API connection, rolled back and returned to the pool on exit."""
-        with self._checkout() as (con, _):
-            yield con
-
-    @contextmanager
-    def transaction(self) -> Iterator[Any]:
-        """A cursor inside an explicit transaction: committed on success, rolled back on error.
-
-        The transaction is begun explicitly so the pool never silently reconnects and
-        re-runs a later statement on a fresh connection after an earlier one was lost.
-        """
-        with self._checkout() as (con, clean), self._translated():
-            self._backend.begin(con)
-            cursor = con.cursor()
-            try:
-                yield cursor
-                con.commit()
-                clean.append(True)  # committed: no rollback round trip on the way back
-            finally:
-                with suppress(Exception):  # a dead connection cannot close its cursor
-                    cursor.close()
+    def close(self) -> None:
+        """Close the idle connections; the pool cannot be used afterwards."""
+        self._backend.close()
 
     @contextmanager
     def _checkout(self) -> Iterator[tuple[Any, list[bool]]]:
@@ -137,9 +192,8 @@ class Database:
         finally:
             self._backend.release(con, rollback=not clean)
 
-    def close(self) -> None:
-        """Close the idle connections; the pool cannot be used afterwards."""
-        self._backend.close()
+    def _begin(self, con: Any) -> None:
+        self._backend.begin(con)
 
     @contextmanager
     def _translated(self) -> Iterator[None]:
@@ -155,6 +209,55 @@ class Database:
         return f"database {self.url}: {text}"
 
 
+class Session(Transactions):
+    """One pooled connection kept for a series of transactions, so that each skips the
+    pool's check-out and its liveness check (a round trip). It counts against the pool
+    until closed. After a lost connection the session gives it back and checks out (and
+    so checks) a fresh one for its next transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self.dialect = db.dialect
+        self._db = db
+        self._con: Any = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give the connection back to the pool; the next transaction checks one out again."""
+        con, self._con = self._con, None
+        if con is not None:
+            self._db._backend.release(con, rollback=False)
+
+    @contextmanager
+    def _checkout(self) -> Iterator[tuple[Any, list[bool]]]:
+        if self._con is None:
+            with self._db._translated():
+                self._con = self._db._backend.acquire()
+        con, clean = self._con, list[bool]()
+        try:
+            with self._db._translated():
+                yield con, clean
+        except DatabaseUnavailable:
+            self._con = None
+            self._db._backend.release(con, rollback=True)
+            raise
+        finally:
+            if not clean and self._con is not None:
+                try:
+                    with self._db._translated():
+                        self._db._backend.rollback(con)
+                except DatabaseError:
+                    self._con = None
+                    self._db._backend.release(con, rollback=False)
+
+    def _begin(self, con: Any) -> None:
+        self._db._backend.begin(con)
+
+
 class _Backend:
     unavailable: tuple[type[BaseException], ...] = ()
     errors: tuple[type[BaseException], ...] = ()
@@ -168,6 +271,9 @@ class _Backend:
     def begin(self, con: Any) -> None:
         raise NotImplementedError
 
+    def rollback(self, con: Any) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -176,6 +282,7 @@ class _MysqlBackend(_Backend):
     def __init__(self, url: DatabaseUrl, pool_size: int) -> None:
         import pymysql
         from dbutils.pooled_db import PooledDB
+        from pymysql.constants import CLIENT
 
         self.unavailable = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
         self.errors = (pymysql.err.Error,)
@@ -195,6 +302,8 @@ class _MysqlBackend(_Backend):
             database=url.database,
             charset="utf8mb4",
             autocommit=False,
+            client_flag=CLIENT.MULTI_STATEMENTS,  # atomic(): a transaction in one packet
+            init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=IO_TIMEOUT,
             write_timeout=IO_TIMEOUT,
@@ -211,6 +320,9 @@ class _MysqlBackend(_Backend):
 
     def begin(self, con: Any) -> None:
         con.begin()
+
+    def rollback(self, con: Any) -> None:
+        con.rollback()
 
     def close(self) -> None:
         self._pool.close()
@@ -264,6 +376,10 @@ class _SqliteBackend(_Backend):
 
     def begin(self, con: sqlite3.Connection) -> None:
         con.execute("BEGIN IMMEDIATE")
+
+    def rollback(self, con: sqlite3.Connection) -> None:
+        if con.in_transaction:
+            con.rollback()
 
     def close(self) -> None:
         self._closed = True

@@ -81,6 +81,58 @@ def test_transaction_commits_or_rolls_back(table: str) -> None:
         db.close()
 
 
+def test_atomic_commits_all_or_nothing_in_one_packet(table: str) -> None:
+    """Given a statement that fails in the middle of an atomic() packet, nothing before it
+    stays and nothing after it (the COMMIT included) runs."""
+    db = Database.open(DatabaseConfig(url=f"mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_DB}"))
+    try:
+        with db.transaction() as cur:
+            cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY, note VARCHAR(20))")
+        db.atomic(
+            [(f"INSERT INTO `{table}` VALUES (%s, %s)", [1, "a; b"]), (f"UPDATE `{table}` SET id = 2", [])]
+        )
+        with pytest.raises(DatabaseError):
+            db.atomic(
+                [
+                    (f"INSERT INTO `{table}` VALUES (%s, %s)", [3, "c"]),
+                    (f"INSERT INTO `{table}` VALUES (%s, %s)", [2, "duplicate"]),
+                    (f"INSERT INTO `{table}` VALUES (%s, %s)", [4, "d"]),
+                ]
+            )
+        with db.connection() as con, con.cursor() as cur:
+            cur.execute(f"SELECT id, note FROM `{table}`")
+            assert cur.fetchall() == ((2, "a; b"),)
+    finally:
+        db.close()
+
+
+def test_a_session_keeps_one_connection_and_replaces_a_lost_one(table: str) -> None:
+    db = Database.open(DatabaseConfig(url=f"mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_DB}"))
+    try:
+        with db.transaction() as cur:
+            cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)")
+        with db.session() as session:
+            ids = set()
+            for n in range(3):
+                with session.transaction() as cur:
+                    cur.execute("SELECT CONNECTION_ID()")
+                    ids.add(cur.fetchone()[0])
+                    cur.execute(f"INSERT INTO `{table}` VALUES ({n})")
+            assert len(ids) == 1
+            root = root_connection()
+            with root.cursor() as cur:
+                cur.execute(f"KILL {ids.pop()}")
+            root.close()
+            with pytest.raises(DatabaseUnavailable), session.transaction() as cur:
+                cur.execute("SELECT 1")
+            session.atomic([(f"INSERT INTO `{table}` VALUES (%s)", [10])])  # a fresh connection
+            with session.transaction() as cur:
+                cur.execute(f"SELECT COUNT(*) FROM `{table}`")
+                assert cur.fetchone()[0] == 4
+    finally:
+        db.close()
+
+
 def _count_connections(user: str) -> int:
     con = root_connection()
     try:

@@ -252,8 +252,9 @@ def test_a_full_queue_answers_busy(
     zctx: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Given a writer that is slow and room for one waiting request, the others are told busy."""
+    """Given one writer that is slow and room for one waiting request, the others are told busy."""
     monkeypatch.setattr(fee_module, "MAX_QUEUE", 1)
+    monkeypatch.setattr(fee_module, "WRITERS", 1)  # so request 1, held, holds up all the others
     release = threading.Event()
 
     class SlowFee(FeePlugin):

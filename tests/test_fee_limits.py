@@ -220,7 +220,7 @@ def test_status_says_failed_when_a_thread_died(
     make_config: Callable[..., Config], databases: Any, start: Any, table: str, caplog: Any
 ) -> None:
     class Broken(FeePlugin):
-        def _next_batch(self) -> Any:
+        def _next_batch(self, requests: Any) -> Any:
             raise RuntimeError("boom")
 
     config = make_config(table=table)

@@ -4,7 +4,8 @@ the database is unreachable.
 A request is answered TRUE only after its line is written and fsynced. Lines are replayed
 into the table in file order; the file is removed once every line is committed. Replaying a
 line twice (after a crash between commit and removal) is harmless: the table ignores a
-ticket it already holds. One thread owns a Spool.
+ticket it already holds. A Spool is not thread-safe: the fee Sink makes its writers take
+turns.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """SQL for the fee table: create it if missing, store a batch of fees in one transaction.
 
-Statements are built from the table name, which config restricts to [A-Za-z0-9_], and
-placeholders; every value is a bound parameter.
+Every function takes the pool or a Session of it. Statements are built from the table
+name, which config restricts to [A-Za-z0-9_], and placeholders; every value is a bound
+parameter.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from edm.db import Database
+from edm.db import Transactions
+from edm.errors import DatabaseError, DatabaseUnavailable
 from edm.plugins.fee_parse import Fee
 
 # Rows per statement: well under sqlite's bound-parameter limit and MySQL's packet size.
@@ -28,12 +30,12 @@ class Stored:
     conflicts: list[tuple[Fee, Fee]] = field(default_factory=list)
 
 
-def quote(db: Database, table: str) -> str:
+def quote(db: Transactions, table: str) -> str:
     """The table name quoted for the dialect; config already restricts it to [A-Za-z0-9_]."""
     return f"`{table}`" if db.dialect == "mysql" else f'"{table}"'
 
 
-def create_table(db: Database, table: str) -> None:
+def create_table(db: Transactions, table: str) -> None:
     """Create the fee table unless it exists; an existing table is used as it is."""
     if db.dialect == "mysql":
         sql = (
@@ -60,48 +62,49 @@ def create_table(db: Database, table: str) -> None:
         cur.execute(sql)
 
 
-def store(db: Database, table: str, fees: Sequence[Fee], process: Process) -> Stored:
+def store(db: Transactions, table: str, fees: Sequence[Fee], process: Process | None) -> Stored:
     """Insert the new tickets (status N), process them, mark them Y, commit: all or nothing.
 
     A ticket already in the table, or earlier in the same batch, is a duplicate: no second
     row, the first values stay. Raises DatabaseError (nothing committed) on any failure.
+    Without a processing step (``process`` None) a batch of new tickets is one round trip.
     """
-    result = Stored()
-    first: dict[int, Fee] = {}
+    kept: dict[int, Fee] = {}  # ticket -> the values the table keeps
     for fee in fees:
-        kept = first.setdefault(fee.ticket, fee)
-        if kept is not fee:
-            result.duplicates += 1
-            if not _same(fee, kept):
-                result.conflicts.append((fee, kept))
-    unique = list(first.values())
-    # The common case has no repeats: insert straight away and let the row count prove it
-    # (a repeat is not counted). Only a batch with a repeat pays for the look-up.
+        kept.setdefault(fee.ticket, fee)
+    unique = list(kept.values())
+    # The common case has no repeats: insert straight away. Only a batch with a repeat pays
+    # for the look-up below.
     try:
-        with db.transaction() as cur:
-            if _insert(db, cur, table, unique) != len(unique):
-                raise _Repeats
-            _finish(db, cur, table, unique, process)
+        if process is None:
+            _store_at_once(db, table, unique)
+        else:
+            with db.transaction() as cur:
+                if _insert(db, cur, table, unique) != len(unique):  # a repeat is not counted
+                    raise _Repeats
+                _finish(db, cur, table, unique, process)
     except _Repeats:
         pass
     else:
-        result.inserted = len(unique)
-        return result
+        return _tally(fees, kept, len(unique))
     with db.transaction() as cur:
-        existing = _existing(db, cur, table, [fee.ticket for fee in unique])
-        new = []
-        for fee in unique:
-            stored = existing.get(fee.ticket)
-            if stored is None:
-                new.append(fee)
-            else:
-                result.duplicates += 1
-                if not _same(fee, stored):
-                    result.conflicts.append((fee, stored))
+        kept.update(_existing(db, cur, table, list(kept)))
+        new = [fee for fee in unique if kept[fee.ticket] is fee]
         if new:
             _insert(db, cur, table, new)
             _finish(db, cur, table, new, process)
-        result.inserted = len(new)
+    return _tally(fees, kept, len(new))
+
+
+def _tally(fees: Sequence[Fee], kept: dict[int, Fee], inserted: int) -> Stored:
+    """Every fee that is not the one kept for its ticket is a duplicate."""
+    result = Stored(inserted=inserted)
+    for fee in fees:
+        first = kept[fee.ticket]
+        if first is not fee:
+            result.duplicates += 1
+            if not _same(fee, first):
+                result.conflicts.append((fee, first))
     return result
 
 
@@ -109,35 +112,61 @@ class _Repeats(Exception):
     """Rolls back the fast path of a batch holding a ticket the table already has."""
 
 
-def _insert(db: Database, cur: Any, table: str, fees: list[Fee]) -> int:
+def _store_at_once(db: Transactions, table: str, fees: list[Fee]) -> None:
+    """Insert, mark Y and commit in one round trip; _Repeats when a ticket is already there.
+
+    The INSERT has no IGNORE: a ticket the table holds fails it, which stops the packet
+    before the COMMIT. Any other failure is met again, and raised, on the careful path.
+    """
+    statements = [*_insert_statements(db, table, fees, "INSERT"), *_finish_statements(db, table, fees)]
+    try:
+        db.atomic(statements)
+    except DatabaseUnavailable:
+        raise
+    except DatabaseError:
+        raise _Repeats from None
+
+
+def _insert(db: Transactions, cur: Any, table: str, fees: list[Fee]) -> int:
     """Insert with status N, skipping tickets already present; return the rows inserted."""
-    p = db.placeholder
-    verb = "INSERT" if db.dialect == "mysql" else "INSERT OR IGNORE"
-    on_duplicate = " ON DUPLICATE KEY UPDATE ticket = ticket" if db.dialect == "mysql" else ""
     inserted = 0
+    for sql, params in _insert_statements(db, table, fees, "INSERT OR IGNORE"):
+        cur.execute(sql, params)
+        inserted += max(cur.rowcount, 0)
+    return inserted
+
+
+def _insert_statements(
+    db: Transactions, table: str, fees: list[Fee], verb: str
+) -> Iterator[tuple[str, list[Any]]]:
+    """INSERT (status N) statements; ``INSERT OR IGNORE`` skips tickets already present."""
+    p = db.placeholder
+    suffix = ""
+    if verb == "INSERT OR IGNORE" and db.dialect == "mysql":
+        verb, suffix = "INSERT", " ON DUPLICATE KEY UPDATE ticket = ticket"
     for chunk in _chunks(fees):
         rows = ", ".join([f"({p}, {p}, {p}, 'N')"] * len(chunk))
         params: list[Any] = []
         for fee in chunk:
             params += [fee.ticket, fee.login, _volume_param(db, fee.volume)]
-        cur.execute(
-            f"{verb} INTO {quote(db, table)} (ticket, login, volume, status) VALUES {rows}{on_duplicate}",
-            params,
-        )
-        inserted += max(cur.rowcount, 0)
-    return inserted
+        yield f"{verb} INTO {quote(db, table)} (ticket, login, volume, status) VALUES {rows}{suffix}", params
 
 
-def _finish(db: Database, cur: Any, table: str, fees: list[Fee], process: Process) -> None:
+def _finish(db: Transactions, cur: Any, table: str, fees: list[Fee], process: Process | None) -> None:
     """The processing step, then status Y."""
-    process(cur, fees)
+    if process is not None:
+        process(cur, fees)
+    for sql, params in _finish_statements(db, table, fees):
+        cur.execute(sql, params)
+
+
+def _finish_statements(db: Transactions, table: str, fees: list[Fee]) -> Iterator[tuple[str, list[Any]]]:
     for chunk in _chunks([fee.ticket for fee in fees]):
         marks = _marks(db.placeholder, len(chunk))
-        sql = f"UPDATE {quote(db, table)} SET status = 'Y' WHERE status = 'N' AND ticket IN ({marks})"  # noqa: S608
-        cur.execute(sql, chunk)
+        yield f"UPDATE {quote(db, table)} SET status = 'Y' WHERE status = 'N' AND ticket IN ({marks})", chunk  # noqa: S608
 
 
-def _existing(db: Database, cur: Any, table: str, tickets: list[int]) -> dict[int, Fee]:
+def _existing(db: Transactions, cur: Any, table: str, tickets: list[int]) -> dict[int, Fee]:
     found: dict[int, Fee] = {}
     for chunk in _chunks(tickets):
         marks = _marks(db.placeholder, len(chunk))
@@ -151,7 +180,7 @@ def _same(a: Fee, b: Fee) -> bool:
     return a.login == b.login and a.volume == b.volume
 
 
-def _volume_param(db: Database, volume: Decimal) -> object:
+def _volume_param(db: Transactions, volume: Decimal) -> object:
     # sqlite3 has no Decimal adapter; text keeps all 20 digits where a float would not.
     return volume if db.dialect == "mysql" else f"{volume:f}"
 
