@@ -419,3 +419,34 @@ def databases() -> Iterator[Callable[[Config], Database]]:
     yield open_
     for db in opened:
         db.close()
+
+
+# -- ZeroMQ and the fee plugin -----------------------------------------------------------------
+
+
+@pytest.fixture
+def zctx() -> Iterator[Any]:
+    """A ZeroMQ context destroyed (linger 0) after the test."""
+    import zmq
+
+    context: Any = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def plugins() -> Iterator[Callable[[Config, Database], Any]]:
+    """Start FeePlugins that are stopped after the test, whatever happens."""
+    from edm.plugins.fee import FeePlugin
+
+    started: list[FeePlugin] = []
+
+    def start(config: Config, db: Database) -> FeePlugin:
+        plugin = FeePlugin(config, db)
+        plugin.start()
+        started.append(plugin)
+        return plugin
+
+    yield start
+    for plugin in started:
+        plugin.stop(10)

@@ -19,36 +19,12 @@ from netutil import Client, TcpProxy
 from test_db import ConnectionSampler
 
 from edm.config import Config
-from edm.db import Database
 from edm.errors import EdmError
 from edm.plugins import build
 from edm.plugins import fee as fee_module
 from edm.plugins.fee import FeePlugin
 
 SQL = Callable[..., list[tuple[Any, ...]]]
-
-
-@pytest.fixture
-def zctx() -> Iterator[zmq.Context[Any]]:
-    context: zmq.Context[Any] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
-def plugins() -> Iterator[Callable[[Config, Database], FeePlugin]]:
-    """Start FeePlugins that are stopped after the test, whatever happens."""
-    started: list[FeePlugin] = []
-
-    def start(config: Config, db: Database) -> FeePlugin:
-        plugin = FeePlugin(config, db)
-        plugin.start()
-        started.append(plugin)
-        return plugin
-
-    yield start
-    for plugin in started:
-        plugin.stop(10)
 
 
 def run_clients(

@@ -11,7 +11,7 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -222,13 +222,6 @@ class Worker:
 
 def rng_choice(rng: random.Random, items: tuple[str, ...], weights: tuple[int, ...]) -> str:
     return rng.choices(items, weights)[0]
-
-
-@pytest.fixture
-def zctx() -> Iterator[zmq.Context[Any]]:
-    context: zmq.Context[Any] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def test_hostile_traffic_leaves_the_receiver_serving_and_the_table_exact(

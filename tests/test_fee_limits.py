@@ -23,13 +23,6 @@ SQL = Callable[..., list[tuple[Any, ...]]]
 
 
 @pytest.fixture
-def zctx() -> Iterator[zmq.Context[Any]]:
-    context: zmq.Context[Any] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 def start() -> Iterator[Callable[..., FeePlugin]]:
     """Start a FeePlugin (or a subclass) that is stopped after the test, whatever happens."""
     started: list[FeePlugin] = []

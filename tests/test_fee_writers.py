@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -17,34 +17,11 @@ from test_fee import SQL, rows, run_clients, wait_for
 
 from edm.config import Config
 from edm.plugins import fee as fee_module
-from edm.plugins.fee import FeePlugin
 
 
 @pytest.fixture(autouse=True)
 def four_writers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fee_module, "WRITERS", 4)
-
-
-@pytest.fixture
-def zctx() -> Iterator[zmq.Context[Any]]:
-    context: zmq.Context[Any] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
-def plugins() -> Iterator[Callable[[Config, Any], FeePlugin]]:
-    started: list[FeePlugin] = []
-
-    def start(config: Config, db: Any) -> FeePlugin:
-        plugin = FeePlugin(config, db)
-        plugin.start()
-        started.append(plugin)
-        return plugin
-
-    yield start
-    for plugin in started:
-        plugin.stop(10)
 
 
 def writer_threads() -> list[str]:
