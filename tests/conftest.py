@@ -342,17 +342,21 @@ def root_sql() -> Iterator[Callable[..., list[tuple[Any, ...]]]]:
     con.close()
 
 
-@pytest.fixture
-def table() -> Iterator[str]:
-    """A fresh table name, dropped after the test."""
-    name = unique("fee_t")
-    yield name
+def drop_table(name: str) -> None:
     con = root_connection()
     try:
         with con.cursor() as cur:
             cur.execute(f"DROP TABLE IF EXISTS `{name}`")
     finally:
         con.close()
+
+
+@pytest.fixture
+def table() -> Iterator[str]:
+    """A fresh table name, dropped after the test."""
+    name = unique("fee_t")
+    yield name
+    drop_table(name)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import signal
 import socket
 
 import zmq
-from conftest import EdmEnv, free_port, root_connection, unique, wait_for
+from conftest import EdmEnv, drop_table, free_port, root_connection, unique, wait_for
 from netutil import Client
 
 
@@ -27,15 +27,6 @@ def _rows(table: str) -> list[tuple[int, int, str, str]]:
         with con.cursor() as cur:
             cur.execute(f"SELECT ticket, login, CAST(volume AS CHAR), status FROM `{table}` ORDER BY ticket")
             return list(cur.fetchall())
-    finally:
-        con.close()
-
-
-def _drop(table: str) -> None:
-    con = root_connection()
-    try:
-        with con.cursor() as cur:
-            cur.execute(f"DROP TABLE IF EXISTS `{table}`")
     finally:
         con.close()
 
@@ -97,7 +88,7 @@ def test_fee_plugin_in_the_daemon(make_env) -> None:
         assert env.main_pid() == pid
         assert env.cli("stop").returncode == 0
     finally:
-        _drop(table)
+        drop_table(table)
 
 
 def test_start_fails_when_the_fee_endpoint_is_taken(make_env) -> None:
@@ -116,7 +107,7 @@ def test_start_fails_when_the_fee_endpoint_is_taken(make_env) -> None:
         assert not env.all_pids()
     finally:
         blocker.close()
-        _drop(table)
+        drop_table(table)
 
 
 def test_a_password_in_both_urls_never_appears(make_env) -> None:
@@ -134,4 +125,4 @@ def test_a_password_in_both_urls_never_appears(make_env) -> None:
             assert secret not in text
         assert "amqp://guest:***@127.0.0.1:5672/%2F" in env.log_text()
     finally:
-        _drop(table)
+        drop_table(table)
