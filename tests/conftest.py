@@ -275,7 +275,8 @@ class EdmEnv:
                     pass
         connection, channel = amqp_channel()
         try:
-            for queue in {self.queue, f"{self.queue}.dead", *self.extra_queues}:
+            queues = {self.tag, self.queue, *self.extra_queues}
+            for queue in queues | {f"{q}.dead" for q in queues}:
                 channel.queue_delete(queue)
             for exchange in {self.exchange, f"{self.exchange}.dead", *self.extra_exchanges}:
                 channel.exchange_delete(exchange)
