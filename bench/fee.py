@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import pymysql
 import zmq
@@ -37,7 +37,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edm.config import parse
-from edm.db import Database
+from edm.db import Database, parse_url
 from edm.plugins.fee import FeePlugin
 
 REFERENCE_THREADS = 8
@@ -50,14 +50,9 @@ def free_endpoint() -> str:
 
 
 def connect(url: str) -> pymysql.connections.Connection:
-    parts = urlsplit(url)
+    db = parse_url(url)  # the pool's own parser: percent-decoding, defaults
     return pymysql.connect(
-        host=parts.hostname,
-        port=parts.port or 3306,
-        user=unquote(parts.username or ""),
-        password=unquote(parts.password or ""),
-        database=parts.path.strip("/"),
-        autocommit=False,
+        host=db.host, port=db.port, user=db.user, password=db.password, database=db.database, autocommit=False
     )
 
 

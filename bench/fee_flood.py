@@ -39,12 +39,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import pika
 import pymysql
 import yaml
 import zmq
+
+from edm.db import parse_url
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("EDM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -324,14 +326,9 @@ def ask(endpoint: str, body: bytes, timeout_ms: int = 10000) -> bytes | None:
 
 
 def connect(url: str) -> pymysql.connections.Connection:
-    parts = urlsplit(url)
+    db = parse_url(url)  # the pool's own parser: percent-decoding, defaults
     return pymysql.connect(
-        host=parts.hostname,
-        port=parts.port or 3306,
-        user=unquote(parts.username or ""),
-        password=unquote(parts.password or ""),
-        database=parts.path.strip("/"),
-        autocommit=True,
+        host=db.host, port=db.port, user=db.user, password=db.password, database=db.database, autocommit=True
     )
 
 
