@@ -134,7 +134,7 @@ class Transactions:
         with self._checkout() as (con, clean):
             cursor = con.cursor()
             try:
-                cursor.execute(sql, params)
+                cursor.execute(sql, params or None)  # None: no % formatting of the SQL
                 while cursor.nextset():  # a failing statement raises here; the COMMIT's OK ends it
                     pass
                 clean.append(True)

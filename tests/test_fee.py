@@ -21,7 +21,6 @@ from test_db import ConnectionSampler
 from edm.config import Config
 from edm.errors import EdmError
 from edm.plugins import build
-from edm.plugins import fee as fee_module
 from edm.plugins.fee import FeePlugin
 
 SQL = Callable[..., list[tuple[Any, ...]]]
@@ -220,22 +219,19 @@ def test_build_makes_the_fee_plugin(make_config: Callable[..., Config], database
     assert plugin.name == "fee" and isinstance(plugin, FeePlugin)
 
 
-def test_a_full_queue_answers_busy(
-    make_config: Callable[..., Config],
-    databases: Any,
-    table: str,
-    root_sql: SQL,
-    zctx: Any,
-    monkeypatch: pytest.MonkeyPatch,
+def test_requests_wait_while_a_batch_is_stored_and_none_is_refused(
+    make_config: Callable[..., Config], databases: Any, table: str, root_sql: SQL, zctx: Any
 ) -> None:
-    """Given one writer that is slow and room for one waiting request, the others are told busy."""
-    monkeypatch.setattr(fee_module, "MAX_QUEUE", 1)
-    monkeypatch.setattr(fee_module, "WRITERS", 1)  # so request 1, held, holds up all the others
+    """Given a batch held in the processing step, requests sent meanwhile wait in the socket's
+    buffers (none is read, none is refused) and go together into the next batch."""
     release = threading.Event()
+    batches: list[list[int]] = []
 
     class SlowFee(FeePlugin):
         def process(self, cursor: Any, fees: Any) -> None:
-            release.wait(10)
+            batches.append([fee.ticket for fee in fees])
+            if len(batches) == 1:
+                release.wait(10)
 
     config = make_config(table=table)
     plugin = SlowFee(config, databases(config))
@@ -243,20 +239,22 @@ def test_a_full_queue_answers_busy(
     clients = [Client(zctx, plugin.endpoint) for _ in range(4)]
     try:
         clients[0].socket.send(b"1,1,1")
-        assert wait_for(lambda: plugin.status()["queue"] == 0 and plugin.status()["requests"] == 1, 5)
-        time.sleep(0.2)  # the writer holds request 1 inside process()
+        assert wait_for(lambda: plugin.status()["queue"] == 1, 5)
         for n, client in enumerate(clients[1:], start=2):
             client.socket.send(f"{n},1,1".encode())
-        assert wait_for(lambda: plugin.status()["busy"] == 2, 5)
+        time.sleep(0.3)
+        assert plugin.status()["requests"] == 1  # the others wait unread
         release.set()
-        replies = sorted(c.socket.recv() for c in clients)
-        assert replies == [b"FALSE busy", b"FALSE busy", b"TRUE", b"TRUE"]
+        replies = [c.socket.recv() for c in clients]
     finally:
         release.set()
         for client in clients:
             client.close()
         plugin.stop(10)
-    assert len(rows(root_sql, table)) == 2
+    assert replies == [b"TRUE"] * 4
+    assert len(batches) == 2 and batches[0] == [1] and sorted(batches[1]) == [2, 3, 4], batches
+    assert len(rows(root_sql, table)) == 4
+    assert plugin.status()["busy"] == 0
 
 
 def test_stop_answers_every_accepted_request(

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edm.plugins.fee_parse import MAX_REQUEST, Fee, MalformedRequest, parse_request
+from edm.plugins.fee_parse import (
+    MAX_REQUEST,
+    Fee,
+    MalformedRequest,
+    _parse_fields,
+    _parse_plain,
+    parse_request,
+)
 
 
 @pytest.mark.parametrize(
@@ -118,3 +125,48 @@ def test_valid_fees_round_trip(ticket: int, login: int, volume: Decimal, left: s
     body = f"{left}{ticket}{right},{login}{right},{left}{volume:f}{right}".encode()
     assert parse_request(body) == fee
     assert parse_request(fee.line().encode()) == fee
+
+
+def _plain_agrees_with_fields(body: bytes) -> None:
+    """The one-match path accepts nothing the field-by-field path refuses, and parses alike."""
+    fee = _parse_plain(body)
+    if fee is None:
+        return
+    assert _parse_fields(body) == fee
+    assert type(fee.ticket) is int and type(fee.login) is int and isinstance(fee.volume, Decimal)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=2 * MAX_REQUEST))
+def test_the_plain_path_agrees_with_the_careful_one_on_arbitrary_bytes(body: bytes) -> None:
+    _plain_agrees_with_fields(body)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet="0123456789,. ", max_size=60))
+def test_the_plain_path_agrees_with_the_careful_one_on_number_like_text(text: str) -> None:
+    _plain_agrees_with_fields(text.encode())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"9223372036854775807,9223372036854775807,9999999999999999.9999",
+        b"  1 ,  2 , 3.5  ",
+        b"0000000000000000001,0,0000000000000000000000012.5",
+    ],
+)
+def test_the_plain_path_takes_the_edges(body: bytes) -> None:
+    """The largest values, padding and leading zeros go the fast way and come out the same."""
+    fee = _parse_plain(body)
+    assert fee is not None and fee == _parse_fields(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"9223372036854775808,1,1", b"1,9223372036854775808,1", b"1,1,10000000000000000", b"1,1,1.12345"],
+)
+def test_the_plain_path_leaves_out_of_range_values_to_the_careful_one(body: bytes) -> None:
+    assert _parse_plain(body) is None
+    with pytest.raises(MalformedRequest):
+        parse_request(body)

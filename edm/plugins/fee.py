@@ -2,45 +2,38 @@
 the fee is durable (committed to the table, or fsynced to the spool while the database is
 unreachable) and ``FALSE <reason>`` for anything else.
 
-An I/O thread and WRITERS writer threads:
+One thread owns the ROUTER socket bound to ``plugins.fee.listen`` and one pooled connection,
+and loops: take every request waiting now (up to MAX_BATCH), answer the malformed ones, store
+the valid ones in one transaction (group commit; without a processing step, see
+``process()``, that transaction is one round trip), answer them. While a batch commits,
+libzmq's own I/O thread keeps reading the clients into the socket's buffers, so the next
+batch holds every request that arrived meanwhile. While the database is down the batches go
+to the spool instead and are replayed into the table, in order, once it answers again (see
+fee_sink). The connection goes back to the pool after IDLE_MS without a request.
 
-* the I/O thread owns the ROUTER socket bound to ``plugins.fee.listen``. It parses each
-  request, answers malformed ones at once, and hands valid ones to a writer's queue (when
-  MAX_QUEUE requests already wait the client gets ``FALSE busy``). A ticket always goes to
-  the same writer (ticket modulo the number of writers), so one ticket's fees are stored in
-  the order they came and the first values stay. It also sends the replies of the batches
-  the writers answered; a writer wakes it with one inproc message per batch.
-* a writer drains its queue in batches (group commit: one transaction for all the requests
-  that arrived while its previous one committed; without a processing step, see
-  ``process()``, that transaction is one round trip) and answers the batch once it is
-  committed. It keeps its pooled connection while requests keep coming and gives it back
-  after 0.1 s without any. While the database is down the writers append their batches to
-  the one spool instead and replay it into the table, in order, once the database answers
-  again (see fee_sink).
-
-Writers and the pool: there are min(WRITERS, ``database.pool_size``) writers, each using one
-connection at a time, so the receiver never holds more than that and never more than the
-pool allows. WRITERS is 1: with REQ clients at most one request per client is in flight,
-so a single writer already puts every waiting request into its next transaction, and more
-writers only split those batches. Measured with 16 clients against a local MariaDB on two
-cores (medians of 3 runs), 2 writers gave 27% fewer durable replies per second and 4
-writers 53% fewer (smaller transactions cost more CPU per fee); with commits made 1-10 ms
-slower, 2-4 writers gained at most about 15%.
+Why one thread: each request handed from an I/O thread to a writer thread and its reply
+handed back cost two thread wake-ups and a fight for the GIL. Measured with 16 REQ clients
+against a local MariaDB on two cores, the receiver spent 134 µs of CPU per request with an
+I/O thread and a writer, and 72 µs alone; more writers (2, 4) were slower still, since a REQ
+client has one request in flight at a time and more writers only split the batches.
 
 Limits, so that a flood or a hostile peer cannot exhaust memory or the pool:
 
-* at most MAX_QUEUE (10,000) accepted requests wait for the writers, all clients together,
-  and at most MAX_PER_PEER (100) per connection (a REQ client has one at a time; this
-  caps DEALER peers that pipeline); beyond either the client is told ``FALSE busy`` at
-  once. Each writer uses one pooled connection at a time (see above).
+* at most MAX_BATCH requests are read before the batch is stored and answered; what clients
+  send meanwhile waits in libzmq, which buffers at most RCVHWM (64) messages per connection
+  before it stops reading from it (the sender then waits: backpressure, not refusal).
+  libzmq takes the connections in turn, so one connection cannot crowd out the others.
+* at most MAX_PER_PEER (100) requests of one connection go into one batch (a REQ client
+  has one at a time; this caps DEALER peers that pipeline); beyond that the client is told
+  ``FALSE busy`` at once.
+* the receiver uses one pooled connection, so never more than ``database.pool_size``.
 * libzmq refuses a frame larger than MAX_FRAME (16 KiB, sixteen times the largest valid
   request) by dropping the connection before buffering it: a REQ client that sent one gets
   no reply (its recv ends only with its own RCVTIMEO; ``ZMQ_REQ_RELAXED`` lets it send
   again) and reconnects. Frames up to MAX_FRAME get ``FALSE <reason>`` like any bad request.
-* libzmq buffers at most RCVHWM (64) messages per connection before it stops reading it,
-  so one connection holds at most about RCVHWM x MAX_FRAME (1 MiB) in the receiver.
+  So one connection holds at most about RCVHWM x MAX_FRAME (1 MiB) in the receiver.
 * replies to a client that left or does not read are dropped (the ROUTER is not
-  mandatory), so a client can never block the I/O thread.
+  mandatory), so a client can never block the receiver.
 
 libzmq does not bound the number of frames in one multipart message; a peer speaking raw
 ZMTP can grow it without end. Only the network (listen on a trusted interface) guards
@@ -50,9 +43,7 @@ against that.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,15 +61,18 @@ from edm.plugins.fee_spool import Spool
 log = logging.getLogger(__name__)
 
 BUSY = b"FALSE busy"
-WRITERS = 1  # writer threads, each with its own connection; capped at database.pool_size
-MAX_QUEUE = 10_000  # accepted requests waiting for the writers; beyond that: FALSE busy
-MAX_PER_PEER = 100  # requests one connection may have in flight; beyond that: FALSE busy
-MAX_BATCH = 500  # requests per transaction
+MAX_BATCH = 500  # requests read before they are stored and answered
+MAX_PER_PEER = 100  # requests of one connection in one batch; beyond that: FALSE busy
 MAX_FRAME = 16 << 10  # a bigger frame makes libzmq drop the peer instead of buffering it
 RCVHWM = 64  # messages libzmq buffers per connection before it stops reading from it
 MAX_HOPS = 4  # routing frames (proxies) a request may carry besides the connection's own
 MAX_ROUTING_ID = 255  # bytes; ZMTP allows no longer routing id
 LINGER_MS = 500
+IDLE_MS = 100  # without a request for this long the connection goes back to the pool
+
+# pyzmq's flags as plain ints: its enum flags cost more than the calls they are passed to.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
 
 
 @dataclass
@@ -96,10 +90,10 @@ class FeePlugin:
         self.endpoint: str | None = None  # what the ROUTER is bound to (the resolved port)
         self._state = "stopped"
         self._lock = threading.Lock()  # start/stop/reload
-        self._counts = dict.fromkeys(_COUNTS, 0)
-        self._counts_lock = threading.Lock()  # for the writers' counts; the I/O thread's are its own
+        self._counts = dict.fromkeys(_COUNTS, 0)  # written by the receiver thread only
         self._spool = Spool(config.plugins.fee.spool)
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
+        self._storing = 0  # requests in the batch being stored
 
     @property
     def _fee(self) -> FeeConfig:
@@ -115,7 +109,7 @@ class FeePlugin:
             self._start()
 
     def stop(self, timeout: float) -> None:
-        """Stop taking requests, answer every accepted one, close the sockets."""
+        """Stop taking requests, answer every accepted one, close the socket."""
         with self._lock:
             self._stop(timeout)
 
@@ -147,12 +141,12 @@ class FeePlugin:
         state = self._state
         if state == "running" and self._spool.pending:
             state = "spooling"
-        if state in ("running", "spooling") and not all(t.is_alive() for t in self._threads):
-            state = "failed"  # a thread died: the receiver no longer serves
+        if state in ("running", "spooling") and not (self._thread and self._thread.is_alive()):
+            state = "failed"  # the thread died: the receiver no longer serves
         return {
             "state": state,
             "listen": self.endpoint or self._fee.listen,
-            "queue": self._waiting() if self._state != "stopped" else 0,
+            "queue": self._storing if self._state != "stopped" else 0,
             "spool_pending": self._spool.records,
             **self._counts,
         }
@@ -161,8 +155,9 @@ class FeePlugin:
         """The processing step between insert (status N) and status Y, inside the batch's
         transaction; raising rolls the batch back. Nothing to do by default.
 
-        It runs in the writer threads (concurrently when there is more than one), and a
-        subclass that overrides it gives up the one-round-trip transaction."""
+        It runs in the receiver's thread: while it runs no request is read (they wait in
+        libzmq's buffers). A subclass that overrides it gives up the one-round-trip
+        transaction."""
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -179,37 +174,16 @@ class FeePlugin:
             self._context.term()
             raise EdmError(f"plugins.fee.listen: cannot bind {self._fee.listen}: {exc.strerror}") from None
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._replies_endpoint = f"inproc://fee-replies-{id(self)}"
-        self._replies = self._context.socket(zmq.PULL)
-        self._replies.setsockopt(zmq.RCVHWM, 0)
-        self._replies.bind(self._replies_endpoint)
-        # One queue per writer; a ticket always goes to the same one (see the module docstring).
-        self._queues: list[queue.SimpleQueue[_Request]] = [
-            queue.SimpleQueue() for _ in range(max(1, min(WRITERS, self._db.pool_size)))
-        ]
-        # Answered batches for the I/O thread to send; each is followed by a wake-up on the
-        # inproc replies socket (one message per batch rather than one per reply).
-        self._answered: queue.SimpleQueue[tuple[list[_Request], bytes]] = queue.SimpleQueue()
-        self._in_flight: dict[bytes, int] = {}  # connection -> accepted requests not yet answered
         self._accepting = threading.Event()
         self._accepting.set()
-        self._quiet = threading.Event()  # the I/O thread has stopped queueing requests
-        self._writer_done = threading.Event()  # set by the last writer to finish
-        self._writers_left = len(self._queues)
-        self._writers_lock = threading.Lock()
         process = None if type(self).process is FeePlugin.process else self.process
         self._sink = Sink(self._fee.table, self._spool, process, self._count)
         pending = self._spool.recover()
         if pending:
             log.warning("The fee spool %s holds %d fee(s) to replay.", self._spool.path, pending)
         self._state = "running"
-        self._threads = [threading.Thread(target=self._serve, name="fee-io", daemon=True)]
-        self._threads += [
-            threading.Thread(target=self._write, args=(n,), name=f"fee-writer-{n}", daemon=True)
-            for n in range(len(self._queues))
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(target=self._serve, name="fee-receiver", daemon=True)
+        self._thread.start()
         log.info("The fee receiver listens on %s (table %s).", self.endpoint, self._fee.table)
 
     def _stop(self, timeout: float) -> None:
@@ -217,75 +191,52 @@ class FeePlugin:
             return
         self._state = "stopping"
         self._accepting.clear()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        if any(thread.is_alive() for thread in self._threads):
+        assert self._thread is not None
+        self._thread.join(timeout)
+        if self._thread.is_alive():
             log.warning("The fee receiver did not finish within %.1f s; closing it anyway.", timeout)
         else:
             self._context.term()
         self._spool.close()
-        self._threads = []
+        self._thread = None
+        self._storing = 0
         self._state = "stopped"
         log.info("The fee receiver on %s stopped.", self.endpoint)
 
-    # -- the I/O thread ------------------------------------------------------------------
+    # -- the receiver thread -------------------------------------------------------------
 
     def _serve(self) -> None:
-        router, replies = self._router, self._replies
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(replies, zmq.POLLIN)
-        accepting = True
+        router = self._router
+        session = self._db.session()  # one connection, kept while requests keep coming
         try:
-            while True:
-                events = dict(poller.poll(100))
-                if replies in events:
-                    self._forward_replies()
-                if accepting and router in events:
-                    self._receive()
-                if accepting and not self._accepting.is_set():
-                    accepting = False
-                    poller.unregister(router)
-                    self._quiet.set()
-                if not accepting and self._writer_done.is_set():
-                    self._forward_replies()
-                    return
+            while self._accepting.is_set():
+                self._sink.replay(session)
+                if not router.poll(IDLE_MS):
+                    session.close()  # idle: the connection goes back to the pool
+                    continue
+                batch = self._receive()
+                if not batch:
+                    continue
+                self._storing = len(batch)
+                reply = self._sink.put(session, [request.fee for request in batch])
+                for request in batch:
+                    self._send(request.envelope, reply)
+                self._storing = 0
         except Exception:
-            log.exception("The fee receiver's I/O loop failed.")
-            self._quiet.set()
+            log.exception("The fee receiver failed; requests it held got no reply.")
         finally:
-            self._quiet.set()
-            replies.close(0)
+            session.close()
             router.close(LINGER_MS)
 
-    def _forward_replies(self) -> None:
-        while True:  # the wake-ups first, so that no answered batch is left behind them
+    def _receive(self) -> list[_Request]:
+        """The valid requests waiting now, up to MAX_BATCH; the others answered at once."""
+        batch: list[_Request] = []
+        per_peer: dict[bytes, int] = {}
+        for _ in range(MAX_BATCH):
             try:
-                self._replies.recv(zmq.NOBLOCK)
+                frames = self._recv_frames()
             except zmq.Again:
                 break
-        while True:
-            try:
-                batch, reply = self._answered.get_nowait()
-            except queue.Empty:
-                return
-            for request in batch:
-                self._router.send_multipart([*request.envelope, reply])
-                peer = request.envelope[0]
-                left = self._in_flight[peer] - 1
-                if left:
-                    self._in_flight[peer] = left
-                else:
-                    del self._in_flight[peer]
-
-    def _receive(self) -> None:
-        """Handle what the ROUTER holds now (bounded, so replies are not starved)."""
-        for _ in range(1000):
-            try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
             self._counts["requests"] += 1
             envelope, body = _split(frames)
             try:
@@ -298,73 +249,36 @@ class FeePlugin:
             except MalformedRequest as exc:
                 self._counts["malformed"] += 1
                 log.error("Malformed fee request (%s): %s", exc.reason, _excerpt(body))
-                self._router.send_multipart([*envelope, f"FALSE {exc.reason}".encode()])
+                self._send(envelope, f"FALSE {exc.reason}".encode())
                 continue
             peer = envelope[0]
-            in_flight = self._in_flight.get(peer, 0)
-            if in_flight >= MAX_PER_PEER:
+            taken = per_peer.get(peer, 0)
+            if taken >= MAX_PER_PEER:
                 self._counts["busy"] += 1
-                self._router.send_multipart([*envelope, BUSY])
+                self._send(envelope, BUSY)
                 continue
-            if self._waiting() >= MAX_QUEUE:
-                self._counts["busy"] += 1
-                self._router.send_multipart([*envelope, BUSY])
-                continue
-            self._queues[fee.ticket % len(self._queues)].put(_Request(envelope, fee))
-            self._in_flight[peer] = in_flight + 1
+            per_peer[peer] = taken + 1
+            batch.append(_Request(envelope, fee))
+        return batch
+
+    def _recv_frames(self) -> list[bytes]:
+        """One whole message, without waiting; zmq.Again when there is none."""
+        recv = self._router.recv
+        frames = []
+        while True:
+            frame = recv(_NOBLOCK, copy=False)
+            frames.append(frame.bytes)
+            if not frame.more:
+                return frames
+
+    def _send(self, envelope: list[bytes], reply: bytes) -> None:
+        send = self._router.send
+        for frame in envelope:
+            send(frame, _SNDMORE)
+        send(reply)
 
     def _count(self, name: str, n: int) -> None:
-        with self._counts_lock:
-            self._counts[name] += n
-
-    def _waiting(self) -> int:
-        """Accepted requests no writer has taken yet."""
-        return sum(q.qsize() for q in self._queues)
-
-    # -- the writer threads --------------------------------------------------------------
-
-    def _write(self, index: int) -> None:
-        requests = self._queues[index]
-        push = self._context.socket(zmq.PUSH)
-        push.setsockopt(zmq.SNDHWM, 0)
-        push.setsockopt(zmq.LINGER, -1)  # inproc: delivered as soon as the I/O thread reads
-        push.connect(self._replies_endpoint)
-        session = self._db.session()  # the writer's own connection, kept while requests come
-        try:
-            while True:
-                self._sink.replay(session)
-                batch = self._next_batch(requests)
-                if batch:
-                    reply = self._sink.put(session, [request.fee for request in batch])
-                    self._answered.put((batch, reply))
-                    push.send(b"")  # wakes the I/O thread, which sends the replies
-                    continue
-                session.close()  # idle: the connection goes back to the pool
-                if self._quiet.is_set() and requests.empty():
-                    return
-        except Exception:
-            log.exception("A fee writer failed; requests it held got no reply.")
-        finally:
-            session.close()
-            push.close()
-            with self._writers_lock:
-                self._writers_left -= 1
-                if not self._writers_left:
-                    self._writer_done.set()
-
-    def _next_batch(self, requests: queue.SimpleQueue[_Request]) -> list[_Request]:
-        """What waits for this writer now (up to MAX_BATCH): the requests that arrived while
-        its previous batch committed share one transaction."""
-        try:
-            batch = [requests.get(timeout=0.1)]
-        except queue.Empty:
-            return []
-        while len(batch) < MAX_BATCH:
-            try:
-                batch.append(requests.get_nowait())
-            except queue.Empty:
-                break
-        return batch
+        self._counts[name] += n
 
 
 def _split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from decimal import Decimal
+from typing import NamedTuple
 
 from edm.errors import EdmError
 
@@ -15,6 +15,9 @@ MAX_INTEGER_DIGITS = 16  # volume is DECIMAL(20,4)
 # ASCII digits only: int() and Decimal() would also take "١٢", "1_000", "1e3", "NaN".
 _INTEGER = re.compile(r"[0-9]+\Z")
 _VOLUME = re.compile(r"(?P<int>[0-9]+)(?:\.(?P<frac>[0-9]{1,4}))?\Z")
+# The common, valid request in one match; anything else takes the field-by-field path,
+# which names what is wrong. Both accept exactly the same requests (tests/test_fee_parse.py).
+_FEE = re.compile(rb" *([0-9]+) *, *([0-9]+) *, *([0-9]+(?:\.[0-9]{1,4})?) *\Z")
 
 
 class MalformedRequest(EdmError):
@@ -25,8 +28,7 @@ class MalformedRequest(EdmError):
         super().__init__(reason)
 
 
-@dataclass(frozen=True)
-class Fee:
+class Fee(NamedTuple):  # a NamedTuple: built once per request, it costs a third of a dataclass
     ticket: int
     login: int
     volume: Decimal
@@ -38,6 +40,23 @@ class Fee:
 
 def parse_request(body: bytes) -> Fee:
     """Validate one request body; raise MalformedRequest (and nothing else) when it is not a fee."""
+    return _parse_plain(body) or _parse_fields(body)
+
+
+def _parse_plain(body: bytes) -> Fee | None:
+    """The fee of a request that is plainly valid, else None."""
+    m = _FEE.match(body) if len(body) <= MAX_REQUEST else None
+    if m is None:
+        return None
+    ticket, login, volume = m.groups()
+    if len(ticket) > 19 or len(login) > 19 or len(volume.split(b".")[0].lstrip(b"0")) > MAX_INTEGER_DIGITS:
+        return None  # maybe out of range: the careful path decides and says why
+    fee = Fee(int(ticket), int(login), Decimal(volume.decode()))
+    return fee if fee.ticket < MAX_ID and fee.login < MAX_ID else None
+
+
+def _parse_fields(body: bytes) -> Fee:
+    """Field by field, so that a malformed request learns which field is wrong."""
     if not body:
         raise MalformedRequest("empty request")
     if len(body) > MAX_REQUEST:

@@ -1,4 +1,5 @@
-"""The fee receiver with several writer threads: tickets routed, repeats kept first, the pool bound."""
+"""Batches of many clients: a ticket repeated within a batch and across batches is stored once,
+with its first values; an outage spools such batches and replays them in order."""
 
 from __future__ import annotations
 
@@ -12,20 +13,9 @@ import pytest
 import zmq
 from conftest import MYSQL_DB, MYSQL_HOST, MYSQL_PORT
 from netutil import Client, TcpProxy
-from test_db import ConnectionSampler
-from test_fee import SQL, rows, run_clients, wait_for
+from test_fee import SQL, rows, wait_for
 
 from edm.config import Config
-from edm.plugins import fee as fee_module
-
-
-@pytest.fixture(autouse=True)
-def four_writers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fee_module, "WRITERS", 4)
-
-
-def writer_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("fee-writer")]
 
 
 def ask_all(context: zmq.Context[Any], endpoint: str, bodies: list[bytes]) -> list[bytes]:
@@ -48,21 +38,6 @@ def ask_all(context: zmq.Context[Any], endpoint: str, bodies: list[bytes]) -> li
         for client in clients:
             client.close()
     return replies
-
-
-def test_many_clients_through_four_writers_are_all_stored(
-    make_config: Callable[..., Config], databases: Any, plugins: Any, table: str, root_sql: SQL, zctx: Any
-) -> None:
-    config = make_config(table=table)
-    plugin = plugins(config, databases(config))
-    assert len(writer_threads()) == 4
-
-    replies = run_clients(zctx, plugin.endpoint, clients=16, per_client=100)
-
-    assert replies.count(b"TRUE") == 1600
-    stored = rows(root_sql, table)
-    assert len(stored) == 1600 and {r[3] for r in stored} == {"Y"}
-    assert plugin.status()["stored"] == 1600
 
 
 def test_a_ticket_repeated_at_once_by_many_clients_is_stored_once(
@@ -107,33 +82,10 @@ def test_the_first_values_stay_when_the_repeats_come_later(
     assert rows(root_sql, table) == [(t, 1, Decimal("0.5000"), "Y") for t in range(1, 9)]
 
 
-def test_four_writers_with_pool_size_two_hold_at_most_two_connections(
-    make_config: Callable[..., Config],
-    databases: Any,
-    plugins: Any,
-    table: str,
-    root_sql: SQL,
-    zctx: Any,
-    db_user: tuple[str, str],
-) -> None:
-    user, password = db_user
-    url = f"mysql://{user}:{password}@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_DB}"
-    config = make_config(url=url, table=table, pool_size=2)
-    plugin = plugins(config, databases(config))
-    assert len(writer_threads()) == 2  # the pool size caps the writers
-
-    with ConnectionSampler(user) as sampler:
-        replies = run_clients(zctx, plugin.endpoint, clients=16, per_client=50)
-
-    assert replies.count(b"TRUE") == 800
-    assert len(rows(root_sql, table)) == 800
-    assert 1 <= sampler.maximum <= 2, sampler.maximum
-
-
-def test_an_outage_with_four_writers_spools_and_replays_in_order(
+def test_an_outage_spools_repeats_and_replays_them_in_order(
     make_config: Callable[..., Config], databases: Any, plugins: Any, table: str, root_sql: SQL, zctx: Any
 ) -> None:
-    """Given tickets of every writer spooled during an outage, repeats among them included,
+    """Given tickets spooled during an outage, repeats among them included,
     the replay stores each once with its first values and the spool goes away."""
     proxy = TcpProxy((MYSQL_HOST, MYSQL_PORT))
     try:
