@@ -31,6 +31,7 @@ from pika.adapters.select_connection import IOLoop, SelectConnection
 
 from edm.broker import describe, mask_url, parameters
 from edm.config import AmqpConfig
+from edm.ioloop import FlushingIOLoop
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class Consumer:
     def __init__(self, amqp: AmqpConfig, handler: Handler, emit: Emit, ioloop: IOLoop | None = None) -> None:
         self.amqp = amqp
         self.handler = handler
-        self.ioloop = ioloop or IOLoop()
+        self.ioloop = ioloop or FlushingIOLoop()
         self._emit = emit
         self._connection: SelectConnection | None = None
         self._connection_url = ""
@@ -409,6 +410,8 @@ class Consumer:
             with self._io:
                 self._in_hand = False
                 self._on_done(generation, tag, message, outcome)
+                if isinstance(self.ioloop, FlushingIOLoop):
+                    self.ioloop.flush()  # the ack leaves now: the broker waits for it
 
     def _keep_alive(self) -> None:
         """While a handler is slow, serve the I/O loop (heartbeats, broker frames) for it."""
