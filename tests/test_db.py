@@ -81,10 +81,14 @@ def test_transaction_commits_or_rolls_back(table: str) -> None:
         db.close()
 
 
-def test_atomic_commits_all_or_nothing_in_one_packet(table: str) -> None:
+@pytest.mark.parametrize("compound", [True, False], ids=["compound statement", "plain packet"])
+def test_atomic_commits_all_or_nothing_in_one_packet(table: str, compound: bool) -> None:
     """Given a statement that fails in the middle of an atomic() packet, nothing before it
-    stays and nothing after it (the COMMIT included) runs."""
+    stays and nothing after it (the COMMIT included) runs: as MariaDB's one compound
+    statement, and as the plain multi-statement packet MySQL gets."""
     db = Database.open(DatabaseConfig(url=f"mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_DB}"))
+    backend: Any = db._backend
+    backend._compound = compound  # what the server's VERSION() would decide
     try:
         with db.transaction() as cur:
             cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY, note VARCHAR(20))")
@@ -102,6 +106,24 @@ def test_atomic_commits_all_or_nothing_in_one_packet(table: str) -> None:
         with db.connection() as con, con.cursor() as cur:
             cur.execute(f"SELECT id, note FROM `{table}`")
             assert cur.fetchall() == ((2, "a; b"),)
+    finally:
+        db.close()
+
+
+def test_atomic_learns_from_the_server_whether_it_takes_a_compound_statement(table: str) -> None:
+    db = Database.open(DatabaseConfig(url=f"mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_DB}"))
+    backend: Any = db._backend
+    try:
+        assert backend._compound is None  # nothing asked before the first atomic()
+        db.atomic(
+            [(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)", []), (f"INSERT INTO `{table}` VALUES (1)", [])]
+        )
+        with db.connection() as con, con.cursor() as cur:
+            cur.execute("SELECT VERSION()")
+            (version,) = cur.fetchone()
+            cur.execute(f"SELECT id FROM `{table}`")
+            assert cur.fetchall() == ((1,),)
+        assert backend._compound == ("mariadb" in version.lower())
     finally:
         db.close()
 
