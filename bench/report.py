@@ -60,6 +60,15 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             "×",
         )
     )
+    targets.append(  # the fee issue's own target: durable replies as fast as answer-first ones
+        _target(
+            "fee: edm durable replies/s / PHP design replies/s",
+            _ratio(fee.get("edm_replies_per_s"), fee.get("reference_replies_per_s")),
+            ">=",
+            1.0,
+            "×",
+        )
+    )
     rss = results.get("rss", {})
     after = rss.get("after")
     targets.append(
