@@ -2,15 +2,20 @@
 
 When pika queues a frame (an ack, say) it turns the socket's write handler on with
 ``update_handler(fd, READ | WRITE)``; the frame leaves once the next ``poll()`` reports the
-socket writable and pika's writer runs. At prefetch 1 the broker sends nothing until it has
-our ack, so that extra turn of the loop (an ``epoll_wait``, the dispatch, the timer checks)
-sits between every message and the next. ``flush()`` runs the write handler of each socket
-that has its write handler on, at once, as ``poll()`` would for a writable socket. If the
-socket cannot take the data, pika's writer keeps it queued and its handler on, and the next
-``poll()`` finishes the job: nothing is lost by calling ``flush()`` too early or twice.
+socket writable and pika's writer runs, which turns the handler off again. At prefetch 1 the
+broker sends nothing until it has our ack, so that extra turn of the loop (an
+``epoll_wait``, the dispatch, the timer checks) and the two ``epoll_ctl`` calls around it sat
+between every message and the next.
 
-Only ``IOLoop``'s public handler methods are overridden; the handler called is the one
-pika registered.
+Here turning the write handler on only takes note; ``flush()`` runs the write handler of each
+such socket at once, as ``poll()`` would for a writable socket, and once pika has turned it
+off again the poller never heard of it. A write handler that is still on when ``poll()``
+comes (nobody flushed, or the socket could not take everything) is handed to the poller
+first, so ``poll()`` finishes the job as it always did: nothing waits longer than it would
+have without ``flush()``.
+
+Only ``IOLoop``'s public and extension methods are overridden; the handler called is the
+one pika registered.
 """
 
 from __future__ import annotations
@@ -26,31 +31,46 @@ class FlushingIOLoop(IOLoop):  # type: ignore[misc]  # pika has no type hints fo
     def __init__(self) -> None:
         super().__init__()
         self._fd_handlers: dict[int, FdHandler] = {}
-        self._writing: set[int] = set()  # fds whose write handler is on
+        self._wanted: dict[int, int] = {}  # fd -> the events pika asked for
+        self._watched: dict[int, int] = {}  # fd -> the events the poller watches
 
     def add_handler(self, fd: int, handler: FdHandler, events: int) -> None:
         super().add_handler(fd, handler, events)
         self._fd_handlers[fd] = handler
-        self._note(fd, events)
+        self._wanted[fd] = self._watched[fd] = events
 
     def update_handler(self, fd: int, events: int) -> None:
-        super().update_handler(fd, events)
-        self._note(fd, events)
+        self._wanted[fd] = events
+        if events == self._watched.get(fd):
+            return
+        writing = self.WRITE | self.ERROR  # what pika's adapter sets along with a write handler
+        if events & ~writing == self._watched.get(fd, -1) & ~writing:
+            return  # only the write handler changed: flush() or poll() takes care of it
+        self._watch(fd, events)
 
     def remove_handler(self, fd: int) -> None:
         super().remove_handler(fd)
         self._fd_handlers.pop(fd, None)
-        self._writing.discard(fd)
+        self._wanted.pop(fd, None)
+        self._watched.pop(fd, None)
 
     def flush(self) -> None:
-        """Run the write handler of every socket that has data queued."""
-        for fd in list(self._writing):
+        """Run the write handler of every connected socket that has data queued.
+
+        Only sockets that are also read: a socket still connecting has its write handler
+        alone on (pika learns of the connection when it turns writable), and calling that
+        early would tell pika it is connected."""
+        for fd, events in list(self._wanted.items()):
             handler = self._fd_handlers.get(fd)
-            if handler is not None and fd in self._writing:
+            if events & self.WRITE and events & self.READ and handler is not None:
                 handler(fd, self.WRITE)
 
-    def _note(self, fd: int, events: int) -> None:
-        if events & self.WRITE:
-            self._writing.add(fd)
-        else:
-            self._writing.discard(fd)
+    def poll(self) -> None:
+        for fd, events in list(self._wanted.items()):
+            if events != self._watched.get(fd):
+                self._watch(fd, events)
+        super().poll()
+
+    def _watch(self, fd: int, events: int) -> None:
+        super().update_handler(fd, events)
+        self._watched[fd] = events

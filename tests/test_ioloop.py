@@ -6,6 +6,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+from pika.adapters.select_connection import IOLoop
 from pika.adapters.utils.selector_ioloop_adapter import SelectorIOServicesAdapter
 
 from edm.ioloop import FlushingIOLoop
@@ -58,6 +59,7 @@ def test_a_writer_that_cannot_send_stays_on_for_the_next_poll(
     loop = FlushingIOLoop()
     nbio = SelectorIOServicesAdapter(loop)
     calls: list[str] = []
+    nbio.set_reader(ours.fileno(), lambda: None)  # connected: pika reads it too
 
     def on_writable() -> None:
         calls.append("write")
@@ -71,5 +73,55 @@ def test_a_writer_that_cannot_send_stays_on_for_the_next_poll(
     loop.activate_poller()
     loop.poll()
     assert calls == ["write", "write"] and theirs.recv(16) == b"late"
+    nbio.remove_reader(ours.fileno())
     loop.deactivate_poller()
+    loop.close()
+
+
+def test_a_socket_that_is_still_connecting_is_left_to_poll(pair: Pair) -> None:
+    """pika watches a connecting socket for writability alone; flush() must not call that
+    handler, or pika would take the socket for connected before it is."""
+    ours, _ = pair
+    loop = FlushingIOLoop()
+    nbio = SelectorIOServicesAdapter(loop)
+    calls: list[str] = []
+    nbio.set_writer(ours.fileno(), lambda: calls.append("connected?"))
+    loop.flush()
+    assert calls == []
+    loop.activate_poller()
+    loop.poll()  # the poller still watches it: a real writability event calls it
+    assert calls == ["connected?"]
+    nbio.remove_writer(ours.fileno())
+    loop.deactivate_poller()
+    loop.close()
+
+
+def test_a_write_handler_turned_on_and_off_by_flush_never_reaches_the_poller(pair: Pair) -> None:
+    """The ack's round trip costs no epoll_ctl: the poller only ever watches for reading."""
+    ours, theirs = pair
+    loop = FlushingIOLoop()
+    nbio = SelectorIOServicesAdapter(loop)
+    watched: list[int] = []
+    real_update = IOLoop.update_handler
+
+    def spy(self: IOLoop, fd: int, events: int) -> None:
+        watched.append(events)
+        real_update(self, fd, events)
+
+    nbio.set_reader(ours.fileno(), lambda: None)
+
+    def on_writable() -> None:
+        ours.send(b"ack")
+        nbio.remove_writer(ours.fileno())
+
+    IOLoop.update_handler = spy  # type: ignore[method-assign]
+    try:
+        for _ in range(3):
+            nbio.set_writer(ours.fileno(), on_writable)
+            loop.flush()
+    finally:
+        IOLoop.update_handler = real_update  # type: ignore[method-assign]
+    assert theirs.recv(16) == b"ackackack"
+    assert watched == []
+    nbio.remove_reader(ours.fileno())
     loop.close()
