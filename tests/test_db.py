@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,97 +63,89 @@ def test_unreachable_server_is_database_unavailable_quickly() -> None:
         db.close()
 
 
-def test_transaction_commits_or_rolls_back(table: str) -> None:
+@pytest.fixture
+def db() -> Iterator[Database]:
+    """The test database as root, closed after the test."""
     db = Database.open(DatabaseConfig(url=f"mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_DB}"))
-    try:
-        with db.transaction() as cur:
-            cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)")
-        with db.transaction() as cur:
-            cur.execute(f"INSERT INTO `{table}` VALUES (1)")
-        with pytest.raises(RuntimeError), db.transaction() as cur:
-            cur.execute(f"INSERT INTO `{table}` VALUES (2)")
-            raise RuntimeError("abort")
-        with pytest.raises(DatabaseError), db.transaction() as cur:
-            cur.execute(f"INSERT INTO `{table}` VALUES (1)")  # duplicate key
-        with db.connection() as con, con.cursor() as cur:
-            cur.execute(f"SELECT id FROM `{table}`")
-            assert cur.fetchall() == ((1,),)
-    finally:
-        db.close()
+    yield db
+    db.close()
+
+
+def test_transaction_commits_or_rolls_back(db: Database, table: str) -> None:
+    with db.transaction() as cur:
+        cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)")
+    with db.transaction() as cur:
+        cur.execute(f"INSERT INTO `{table}` VALUES (1)")
+    with pytest.raises(RuntimeError), db.transaction() as cur:
+        cur.execute(f"INSERT INTO `{table}` VALUES (2)")
+        raise RuntimeError("abort")
+    with pytest.raises(DatabaseError), db.transaction() as cur:
+        cur.execute(f"INSERT INTO `{table}` VALUES (1)")  # duplicate key
+    with db.connection() as con, con.cursor() as cur:
+        cur.execute(f"SELECT id FROM `{table}`")
+        assert cur.fetchall() == ((1,),)
 
 
 @pytest.mark.parametrize("compound", [True, False], ids=["compound statement", "plain packet"])
-def test_atomic_commits_all_or_nothing_in_one_packet(table: str, compound: bool) -> None:
+def test_atomic_commits_all_or_nothing_in_one_packet(db: Database, table: str, compound: bool) -> None:
     """Given a statement that fails in the middle of an atomic() packet, nothing before it
     stays and nothing after it (the COMMIT included) runs: as MariaDB's one compound
     statement, and as the plain multi-statement packet MySQL gets."""
-    db = Database.open(DatabaseConfig(url=f"mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_DB}"))
     backend: Any = db._backend
     backend._compound = compound  # what the server's VERSION() would decide
-    try:
-        with db.transaction() as cur:
-            cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY, note VARCHAR(20))")
+    with db.transaction() as cur:
+        cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY, note VARCHAR(20))")
+    db.atomic([(f"INSERT INTO `{table}` VALUES (%s, %s)", [1, "a; b"]), (f"UPDATE `{table}` SET id = 2", [])])
+    with pytest.raises(DatabaseError):
         db.atomic(
-            [(f"INSERT INTO `{table}` VALUES (%s, %s)", [1, "a; b"]), (f"UPDATE `{table}` SET id = 2", [])]
+            [
+                (f"INSERT INTO `{table}` VALUES (%s, %s)", [3, "c"]),
+                (f"INSERT INTO `{table}` VALUES (%s, %s)", [2, "duplicate"]),
+                (f"INSERT INTO `{table}` VALUES (%s, %s)", [4, "d"]),
+            ]
         )
-        with pytest.raises(DatabaseError):
-            db.atomic(
-                [
-                    (f"INSERT INTO `{table}` VALUES (%s, %s)", [3, "c"]),
-                    (f"INSERT INTO `{table}` VALUES (%s, %s)", [2, "duplicate"]),
-                    (f"INSERT INTO `{table}` VALUES (%s, %s)", [4, "d"]),
-                ]
-            )
-        with db.connection() as con, con.cursor() as cur:
-            cur.execute(f"SELECT id, note FROM `{table}`")
-            assert cur.fetchall() == ((2, "a; b"),)
-    finally:
-        db.close()
+    with db.connection() as con, con.cursor() as cur:
+        cur.execute(f"SELECT id, note FROM `{table}`")
+        assert cur.fetchall() == ((2, "a; b"),)
 
 
-def test_atomic_learns_from_the_server_whether_it_takes_a_compound_statement(table: str) -> None:
-    db = Database.open(DatabaseConfig(url=f"mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_DB}"))
+def test_atomic_learns_from_the_server_whether_it_takes_a_compound_statement(
+    db: Database, table: str
+) -> None:
     backend: Any = db._backend
-    try:
-        assert backend._compound is None  # nothing asked before the first atomic()
-        db.atomic(
-            [(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)", []), (f"INSERT INTO `{table}` VALUES (1)", [])]
-        )
-        with db.connection() as con, con.cursor() as cur:
-            cur.execute("SELECT VERSION()")
-            (version,) = cur.fetchone()
-            cur.execute(f"SELECT id FROM `{table}`")
-            assert cur.fetchall() == ((1,),)
-        assert backend._compound == ("mariadb" in version.lower())
-    finally:
-        db.close()
+    assert backend._compound is None  # nothing asked before the first atomic()
+    db.atomic(
+        [(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)", []), (f"INSERT INTO `{table}` VALUES (1)", [])]
+    )
+    with db.connection() as con, con.cursor() as cur:
+        cur.execute("SELECT VERSION()")
+        (version,) = cur.fetchone()
+        cur.execute(f"SELECT id FROM `{table}`")
+        assert cur.fetchall() == ((1,),)
+    assert backend._compound == ("mariadb" in version.lower())
 
 
-def test_a_session_keeps_one_connection_and_replaces_a_lost_one(table: str) -> None:
-    db = Database.open(DatabaseConfig(url=f"mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{MYSQL_DB}"))
-    try:
-        with db.transaction() as cur:
-            cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)")
-        with db.session() as session:
-            ids = set()
-            for n in range(3):
-                with session.transaction() as cur:
-                    cur.execute("SELECT CONNECTION_ID()")
-                    ids.add(cur.fetchone()[0])
-                    cur.execute(f"INSERT INTO `{table}` VALUES ({n})")
-            assert len(ids) == 1
-            root = root_connection()
-            with root.cursor() as cur:
-                cur.execute(f"KILL {ids.pop()}")
-            root.close()
-            with pytest.raises(DatabaseUnavailable), session.transaction() as cur:
-                cur.execute("SELECT 1")
-            session.atomic([(f"INSERT INTO `{table}` VALUES (%s)", [10])])  # a fresh connection
+def test_a_session_keeps_one_connection_and_replaces_a_lost_one(db: Database, table: str) -> None:
+    with db.transaction() as cur:
+        cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)")
+    with db.session() as session:
+        ids = set()
+        for n in range(3):
             with session.transaction() as cur:
-                cur.execute(f"SELECT COUNT(*) FROM `{table}`")
-                assert cur.fetchone()[0] == 4
-    finally:
-        db.close()
+                cur.execute("SELECT CONNECTION_ID()")
+                ids.add(cur.fetchone()[0])
+                cur.execute(f"INSERT INTO `{table}` VALUES ({n})")
+        assert len(ids) == 1
+        root = root_connection()
+        with root.cursor() as cur:
+            cur.execute(f"KILL {ids.pop()}")
+        root.close()
+        with pytest.raises(DatabaseUnavailable), session.transaction() as cur:
+            cur.execute("SELECT 1")
+        session.atomic([(f"INSERT INTO `{table}` VALUES (%s)", [10])])  # a fresh connection
+        with session.transaction() as cur:
+            cur.execute(f"SELECT COUNT(*) FROM `{table}`")
+            assert cur.fetchone()[0] == 4
 
 
 def _count_connections(user: str) -> int:
