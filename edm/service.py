@@ -16,12 +16,13 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from pika.adapters.select_connection import IOLoop, PollEvents
+from pika.adapters.select_connection import PollEvents
 
 from edm import handlers, plugins
 from edm.config import Config, load_handler
 from edm.consumer import Consumer, Handler
 from edm.errors import EdmError
+from edm.ioloop import FlushingIOLoop
 from edm.logs import DailyLog, setup_logging
 from edm.worker import EXIT_BOOT, EXIT_OK, send_event
 
@@ -88,7 +89,7 @@ def consumer_main(config: Config, conn: Connection) -> int:
         return EXIT_BOOT
     sink = handlers.MessageLog(daily, config.log.max_line)
     handlers.bind(sink)
-    ioloop = IOLoop()
+    ioloop = FlushingIOLoop()
     consumer = Consumer(config.amqp, handler, lambda snap: send_event(conn, "state", **snap), ioloop)
     signals = SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP))
     parent = os.getppid()
