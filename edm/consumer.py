@@ -27,10 +27,11 @@ import pika.channel
 import pika.exceptions
 import pika.frame
 import pika.spec
-from pika.adapters.select_connection import IOLoop, SelectConnection
+from pika.adapters.select_connection import IOLoop
 
 from edm.broker import describe, mask_url, parameters
 from edm.config import AmqpConfig
+from edm.fastlane import FastLaneConnection, Lane, decode_properties
 from edm.ioloop import FlushingIOLoop
 
 log = logging.getLogger(__name__)
@@ -44,23 +45,40 @@ DEPTH_INTERVAL = 5.0  # seconds between passive declares that read the queue's d
 
 
 class Message:
-    """What a handler receives."""
+    """What a handler receives.
 
-    __slots__ = ("body", "headers", "properties", "redelivered", "routing_key")
+    ``properties`` may arrive still encoded (from the fast lane); they and ``headers`` are
+    decoded on first use, so a handler that only reads the body never pays for them.
+    """
+
+    __slots__ = ("_headers", "_properties", "body", "redelivered", "routing_key")
 
     def __init__(
         self,
         body: bytes,
-        headers: dict[str, Any],
+        headers: dict[str, Any] | None,
         routing_key: str,
         redelivered: bool,
-        properties: pika.BasicProperties,
+        properties: pika.BasicProperties | bytes,
     ) -> None:
         self.body = body
-        self.headers = headers
+        self._headers = headers
         self.routing_key = routing_key
         self.redelivered = redelivered
-        self.properties = properties
+        self._properties = properties
+
+    @property
+    def properties(self) -> pika.BasicProperties:
+        properties = self._properties
+        if isinstance(properties, bytes):
+            properties = self._properties = decode_properties(properties)
+        return properties
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        if self._headers is None:
+            self._headers = self.properties.headers or {}
+        return self._headers
 
     def __repr__(self) -> str:
         return (
@@ -91,7 +109,7 @@ class Consumer:
         self.handler = handler
         self.ioloop = ioloop or FlushingIOLoop()
         self._emit = emit
-        self._connection: SelectConnection | None = None
+        self._connection: FastLaneConnection | None = None
         self._connection_url = ""
         self._channel: pika.channel.Channel | None = None
         self._consumer_tag: str | None = None
@@ -198,7 +216,7 @@ class Consumer:
         url = urls[self._url_index % len(urls)]
         self._set_state("connecting")
         log.debug("Connecting to %s.", mask_url(url))
-        self._connection = SelectConnection(
+        self._connection = FastLaneConnection(
             parameters(url, self.amqp.heartbeat),
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error,
@@ -207,18 +225,18 @@ class Consumer:
         )
         self._connection_url = url
 
-    def _on_open(self, connection: SelectConnection) -> None:
+    def _on_open(self, connection: FastLaneConnection) -> None:
         self.connected_url = self._connection_url
         log.info("Connected to %s.", mask_url(self._connection_url))
         connection.channel(on_open_callback=self._on_channel_open)
 
-    def _on_open_error(self, connection: SelectConnection, error: BaseException | str) -> None:
+    def _on_open_error(self, connection: FastLaneConnection, error: BaseException | str) -> None:
         reason = describe(error) if isinstance(error, BaseException) else mask_url(str(error))
         log.warning("Cannot connect to %s: %s.", mask_url(self._connection_url), reason)
         self._connection = None
         self._after_close()
 
-    def _on_closed(self, connection: SelectConnection, reason: BaseException) -> None:
+    def _on_closed(self, connection: FastLaneConnection, reason: BaseException) -> None:
         self._connection = None
         self._channel = None
         self._consumer_tag = None
@@ -265,6 +283,7 @@ class Consumer:
             self._after_close()
             return
         self._set_state("draining")
+        self._connection.close_lane()
         if self._channel is not None and self._channel.is_open and self._consumer_tag:
             self._channel.basic_cancel(self._consumer_tag)
         self._close_if_idle()
@@ -334,6 +353,9 @@ class Consumer:
             self._close_if_idle()
             return
         self._consumer_tag = self._channel.basic_consume(self.amqp.queue, self._on_message, auto_ack=False)
+        if self._connection is not None:
+            lane = Lane(self._channel.channel_number, self._consumer_tag, self._on_fast_delivery)
+            self._connection.open_lane(lane)
         self._round = 0
         log.info(
             "Consuming from queue %s (exchange %s, routing key %s, prefetch %d).",
@@ -347,6 +369,8 @@ class Consumer:
     def _on_channel_closed(self, channel: pika.channel.Channel, reason: BaseException) -> None:
         if channel is not self._channel:
             return
+        if self._connection is not None:
+            self._connection.close_lane()
         self._channel = None
         self._consumer_tag = None
         self._generation += 1
@@ -388,8 +412,15 @@ class Consumer:
         properties: pika.BasicProperties,
         body: bytes,
     ) -> None:
-        message = Message(body, properties.headers or {}, method.routing_key, method.redelivered, properties)
+        message = Message(body, None, method.routing_key, method.redelivered, properties)
         self._deliveries.append((self._generation, method.delivery_tag, message))
+
+    def _on_fast_delivery(
+        self, delivery_tag: int, redelivered: bool, routing_key: str, properties: bytes, body: bytes
+    ) -> None:
+        """The fast lane's delivery: the same as ``_on_message``, properties still encoded."""
+        message = Message(body, None, routing_key, redelivered, properties)
+        self._deliveries.append((self._generation, delivery_tag, message))
 
     def _handle_deliveries(self) -> None:
         """Run the handler for each waiting delivery, in this (the main) thread, and ack."""
@@ -471,7 +502,8 @@ class Consumer:
         channel = self._channel
         if generation == self._generation and channel is not None and channel.is_open:
             if outcome is _OK or outcome.kind == "ok":
-                channel.basic_ack(tag)
+                assert self._connection is not None  # an open channel has its connection
+                self._connection.send_ack(channel.channel_number, tag)
                 self.handled += 1
             elif outcome.kind == "dead":
                 self._dead_letter(generation, tag, message, outcome)

@@ -1,0 +1,258 @@
+"""The consumer's fast lane against pika's own decoder, and end to end on the real broker."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pika
+import pika.frame
+import pika.spec
+import pytest
+from conftest import AMQP_URL, amqp_channel, unique
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edm.config import AmqpConfig
+from edm.consumer import Consumer, Message
+from edm.fastlane import Lane, decode_properties, take_delivery
+from edm.ioloop import FlushingIOLoop
+
+CHANNEL, TAG = 1, "ctag1.abc"
+
+
+def delivery_frames(
+    *,
+    channel: int = CHANNEL,
+    consumer_tag: str = TAG,
+    delivery_tag: int = 1,
+    redelivered: bool = False,
+    exchange: str = "email",
+    routing_key: str = "email",
+    properties: pika.BasicProperties | None = None,
+    body: bytes = b"hello",
+    frame_body: int = 131064,
+) -> bytes:
+    """A delivery as the broker sends it, marshalled by pika (body split at ``frame_body``)."""
+    method = pika.spec.Basic.Deliver(consumer_tag, delivery_tag, redelivered, exchange, routing_key)
+    parts = [
+        pika.frame.Method(channel, method).marshal(),
+        pika.frame.Header(channel, len(body), properties or pika.BasicProperties()).marshal(),
+    ]
+    parts += [
+        pika.frame.Body(channel, body[i : i + frame_body]).marshal() for i in range(0, len(body), frame_body)
+    ]
+    return b"".join(parts)
+
+
+def pika_deliveries(data: bytes) -> list[tuple[Any, ...]]:
+    """What pika's generic path makes of ``data``: (tag, redelivered, key, properties, body)."""
+    out: list[tuple[Any, ...]] = []
+    pos = 0
+    while pos < len(data):
+        used, method = pika.frame.decode_frame(data[pos:])
+        pos += used
+        used, header = pika.frame.decode_frame(data[pos:])
+        pos += used
+        body = b""
+        while len(body) < header.body_size:
+            used, chunk = pika.frame.decode_frame(data[pos:])
+            pos += used
+            body += chunk.fragment
+        m = method.method
+        out.append((m.delivery_tag, m.redelivered, m.routing_key, dict(vars(header.properties)), body))
+    return out
+
+
+def lane_deliveries(data: bytes, lane_tag: str = TAG) -> tuple[list[tuple[Any, ...]], int]:
+    got: list[tuple[Any, ...]] = []
+
+    def on_delivery(tag: int, redelivered: bool, key: str, properties: bytes, body: bytes) -> None:
+        got.append((tag, redelivered, key, dict(vars(decode_properties(properties))), body))
+
+    lane = Lane(CHANNEL, lane_tag, on_delivery)
+    pos = 0
+    while True:
+        pos, taken = take_delivery(data, pos, lane)
+        if not taken:
+            return got, pos
+
+
+texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=40).filter(
+    lambda s: len(s.encode()) < 256
+)
+header_values = st.one_of(st.integers(-(2**31), 2**31 - 1), st.text(max_size=20), st.booleans())
+properties = st.builds(
+    pika.BasicProperties,
+    content_type=st.none() | st.just("text/plain"),
+    delivery_mode=st.none() | st.sampled_from([1, 2]),
+    headers=st.none() | st.dictionaries(st.text(min_size=1, max_size=10), header_values, max_size=4),
+    message_id=st.none() | texts,
+    priority=st.none() | st.integers(0, 9),
+    timestamp=st.none() | st.integers(0, 2**40),
+)
+deliveries = st.fixed_dictionaries(
+    {
+        "delivery_tag": st.integers(1, 2**64 - 1),
+        "redelivered": st.booleans(),
+        "exchange": texts,
+        "routing_key": texts,
+        "properties": properties,
+        "body": st.binary(max_size=300),
+        "frame_body": st.integers(1, 120),
+    }
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(deliveries, min_size=1, max_size=5))
+def test_the_lane_decodes_deliveries_as_pika_does(given_deliveries: list[dict[str, Any]]) -> None:
+    data = b"".join(delivery_frames(**d) for d in given_deliveries)
+
+    got, pos = lane_deliveries(data)
+
+    assert pos == len(data)
+    assert got == pika_deliveries(data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(deliveries, st.data())
+def test_an_incomplete_delivery_is_left_whole_for_later(
+    delivery: dict[str, Any], data: st.DataObject
+) -> None:
+    whole = delivery_frames(**delivery)
+    cut = data.draw(st.integers(0, len(whole) - 1))
+
+    got, pos = lane_deliveries(whole[:cut])
+
+    assert (got, pos) == ([], 0)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        pytest.param(delivery_frames(channel=2), id="another channel"),
+        pytest.param(delivery_frames(consumer_tag="ctag1.other"), id="another consumer"),
+        pytest.param(pika.frame.Heartbeat().marshal(), id="a heartbeat"),
+        pytest.param(pika.frame.Method(CHANNEL, pika.spec.Basic.CancelOk(TAG)).marshal(), id="cancel-ok"),
+        pytest.param(
+            pika.frame.Method(CHANNEL, pika.spec.Channel.Close(406, "x", 0, 0)).marshal(), id="close"
+        ),
+        pytest.param(delivery_frames()[:-1] + b"\x00", id="a bad frame end"),
+    ],
+)
+def test_the_lane_stops_at_anything_else_and_never_takes_what_follows(other: bytes) -> None:
+    first, after = delivery_frames(delivery_tag=1), delivery_frames(delivery_tag=3)
+
+    got, pos = lane_deliveries(first + other + after)
+
+    assert [d[0] for d in got] == [1]
+    assert pos == len(first)
+
+
+def test_the_lane_ack_is_the_frame_pika_would_send() -> None:
+    from edm.fastlane import _ACK, _ACK_ID, _FRAME_END, _METHOD
+
+    for channel, tag in ((1, 1), (7, 2**64 - 1), (65535, 123456789)):
+        ours = _ACK.pack(_METHOD, channel, 13, _ACK_ID, tag, 0, _FRAME_END)
+        assert ours == pika.frame.Method(channel, pika.spec.Basic.Ack(tag)).marshal()
+
+
+def test_a_message_decodes_its_properties_once_and_only_when_asked() -> None:
+    props = pika.BasicProperties(headers={"a": 1}, message_id="m-1")
+    encoded = pika.frame.Header(1, 0, props).marshal()[7 + 12 : -1]
+    message = Message(b"x", None, "rk", False, encoded)
+
+    assert message.properties.message_id == "m-1"
+    assert message.properties is message.properties
+    assert message.headers == {"a": 1}
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def names() -> Iterator[str]:
+    name = unique("fastlane")
+    yield name
+    connection, channel = amqp_channel()
+    try:
+        for queue in (name, f"{name}.dead"):
+            channel.queue_delete(queue)
+        for exchange in (name, f"{name}.dead"):
+            channel.exchange_delete(exchange)
+    finally:
+        connection.close()
+
+
+def consume(name: str, count: int, publish: Callable[[], None], handler: Any = None) -> list[Message]:
+    """Run edm's consumer in this thread; ``publish`` runs in another once it consumes."""
+    seen: list[Message] = []
+    consumer: Consumer
+    publisher: list[threading.Thread] = []
+
+    def record(message: Message) -> None:
+        if handler is not None:
+            handler(message)
+        seen.append(message)
+        if len(seen) >= count:
+            consumer.stop()
+
+    def on_state(snapshot: dict[str, Any]) -> None:
+        if snapshot["state"] == "consuming" and not publisher:
+            publisher.append(threading.Thread(target=publish))
+            publisher[0].start()
+
+    amqp = AmqpConfig(url=(AMQP_URL,), exchange=name, queue=name, routing_key=name, prefetch=1)
+    consumer = Consumer(amqp, record, on_state, FlushingIOLoop())
+    timer = threading.Timer(30, consumer.stop)  # a hung consumer fails the test, never the run
+    timer.start()
+    try:
+        consumer.start()
+        consumer.run()
+    finally:
+        timer.cancel()
+        for thread in publisher:
+            thread.join()
+    return seen
+
+
+def test_deliveries_reach_the_handler_whole_with_their_properties(names: str) -> None:
+    # Given messages published while edm consumes: empty, with properties, over one frame
+    big = bytes(range(256)) * 1200  # over one frame (128 KiB): several body frames
+    sent = [
+        (b"", pika.BasicProperties(delivery_mode=2)),
+        (b"plain", pika.BasicProperties(delivery_mode=2, message_id="id-1", headers={"k": "v", "n": 7})),
+        (big, pika.BasicProperties(delivery_mode=2, correlation_id="c-9")),
+        (b"last", pika.BasicProperties(delivery_mode=2, headers={"x": b"\xff"})),
+    ]
+
+    def publish() -> None:
+        connection, channel = amqp_channel()
+        try:
+            for body, props in sent:
+                channel.basic_publish(names, names, body, props)
+        finally:
+            connection.close()
+
+    # When edm consumes them
+    encoded: list[bool] = []
+    seen = consume(names, len(sent), publish, lambda m: encoded.append(isinstance(m._properties, bytes)))
+
+    # Then each arrives once, whole, with its properties and headers
+    assert [m.body for m in seen] == [b for b, _ in sent]
+    assert [m.routing_key for m in seen] == [names] * len(sent)
+    assert [m.redelivered for m in seen] == [False] * len(sent)
+    assert seen[0].headers == {}
+    assert seen[1].headers == {"k": "v", "n": 7}
+    assert seen[1].properties.message_id == "id-1"
+    assert seen[2].properties.correlation_id == "c-9"
+    assert seen[3].headers == {"x": b"\xff"}
+    # the small ones came through the lane: their properties were still encoded in the handler
+    assert encoded[:2] == [True, True] and encoded[3]
+    connection, channel = amqp_channel()
+    try:
+        assert channel.queue_declare(names, passive=True).method.message_count == 0
+    finally:
+        connection.close()
