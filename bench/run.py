@@ -7,12 +7,13 @@ Throughput: for each consumer a fresh durable queue is pre-filled with N persist
 then the consumer is started in a fresh process and timed from its first message line to its
 last (the line timestamps, 1 ms resolution). edm runs as the real daemon (``edm start`` with
 its own config); the references are a bare pika BlockingConnection consumer, a bare pika
-SelectConnection one and php-amqp when ``php -m`` lists ``amqp``. Every run checks that each
+SelectConnection one, a plain socket loop (the floor of any Python consumer) and php-amqp when
+``php -m`` lists ``amqp``. Every run checks that each
 message was written exactly once and that the queue is left empty. References and edm are
 interleaved and the median of ``--reps`` runs is reported.
 
 Also: publish→logged latency at a steady rate, RSS of each edm process, ``edm publish`` rate
-and the fee path (bench/fee.py). Skippable parts: blocking, select, php, edm, prefetch50,
+and the fee path (bench/fee.py). Skippable parts: blocking, select, plain, php, edm, prefetch50,
 latency, rss, publish, fee. See bench/README.md for what each number means.
 """
 
@@ -56,10 +57,11 @@ from harness import (
 from report import evaluate, render
 
 BENCH = Path(__file__).resolve().parent
-PARTS = ("blocking", "select", "php", "edm", "prefetch50", "latency", "rss", "publish", "fee")
+PARTS = ("blocking", "select", "plain", "php", "edm", "prefetch50", "latency", "rss", "publish", "fee")
 CONSUMER_NAMES = {
     "blocking": "pika BlockingConnection",
     "select": "pika SelectConnection",
+    "plain": "plain socket loop (floor)",
     "php": "php-amqp consume()",
     "edm": "edm (daemon)",
 }
@@ -306,7 +308,7 @@ def open_sentinel(url: str, timeout: float = 60) -> Sentinel:
 
 def consumer_plan(b: Bench, php: str | None) -> list[tuple[str, int]]:
     skip = b.args.skip
-    plan = [("blocking", 1), ("edm", 1), ("select", 1), ("php", 1)]
+    plan = [("blocking", 1), ("edm", 1), ("select", 1), ("plain", 1), ("php", 1)]
     if "prefetch50" not in skip:
         plan += [("blocking", 50), ("edm", 50)]
     return [(k, p) for k, p in plan if k not in skip and (k != "php" or php)]
