@@ -14,6 +14,10 @@ comes (nobody flushed, or the socket could not take everything) is handed to the
 first, so ``poll()`` finishes the job as it always did: nothing waits longer than it would
 have without ``flush()``.
 
+``set_reader`` lets a connection take its socket's read events first (the consumer's fast
+lane reads them without pika's transport in between, see ``edm.fastlane``); it hands any
+event it does not want on to pika's handler.
+
 Only ``IOLoop``'s public and extension methods are overridden; the handler called is the
 one pika registered.
 """
@@ -25,19 +29,32 @@ from collections.abc import Callable
 from pika.adapters.select_connection import IOLoop
 
 FdHandler = Callable[[int, int], None]
+Reader = Callable[[], bool]
 
 
 class FlushingIOLoop(IOLoop):  # type: ignore[misc]  # pika has no type hints for mypy
     def __init__(self) -> None:
         super().__init__()
         self._fd_handlers: dict[int, FdHandler] = {}
+        self._readers: dict[int, Reader] = {}
         self._wanted: dict[int, int] = {}  # fd -> the events pika asked for
         self._watched: dict[int, int] = {}  # fd -> the events the poller watches
 
     def add_handler(self, fd: int, handler: FdHandler, events: int) -> None:
-        super().add_handler(fd, handler, events)
         self._fd_handlers[fd] = handler
+        super().add_handler(fd, self._dispatch, events)
         self._wanted[fd] = self._watched[fd] = events
+
+    def set_reader(self, fd: int, reader: Reader) -> None:
+        """Offer the fd's read events to ``reader()`` first, until the fd's handler is removed;
+        it returns False to hand an event on to the handler."""
+        self._readers[fd] = reader
+
+    def _dispatch(self, fd: int, events: int) -> None:
+        reader = self._readers.get(fd)
+        if reader is not None and events == self.READ and reader():
+            return
+        self._fd_handlers[fd](fd, events)
 
     def update_handler(self, fd: int, events: int) -> None:
         self._wanted[fd] = events
@@ -51,6 +68,7 @@ class FlushingIOLoop(IOLoop):  # type: ignore[misc]  # pika has no type hints fo
     def remove_handler(self, fd: int) -> None:
         super().remove_handler(fd)
         self._fd_handlers.pop(fd, None)
+        self._readers.pop(fd, None)
         self._wanted.pop(fd, None)
         self._watched.pop(fd, None)
 

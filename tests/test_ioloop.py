@@ -125,3 +125,44 @@ def test_a_write_handler_turned_on_and_off_by_flush_never_reaches_the_poller(pai
     assert watched == []
     nbio.remove_reader(ours.fileno())
     loop.close()
+
+
+def test_a_reader_takes_read_events_first_and_hands_on_what_it_refuses(pair: Pair) -> None:
+    """set_reader: the reader sees each read event first; False passes it to pika's handler;
+    once pika removes the fd's handler the reader is gone too (a new socket may get the fd)."""
+    ours, theirs = pair
+    loop = FlushingIOLoop()
+    nbio = SelectorIOServicesAdapter(loop)
+    handled: list[bytes] = []
+    taken: list[bytes] = []
+    refuse = [False]
+
+    def reader() -> bool:
+        if refuse[0]:
+            return False
+        taken.append(ours.recv(16))
+        return True
+
+    nbio.set_reader(ours.fileno(), lambda: handled.append(ours.recv(16)))
+    loop.activate_poller()
+    try:
+        loop.set_reader(ours.fileno(), reader)
+        theirs.sendall(b"one")
+        loop.poll()
+        assert (taken, handled) == ([b"one"], [])
+
+        refuse[0] = True
+        theirs.sendall(b"two")
+        loop.poll()
+        assert (taken, handled) == ([b"one"], [b"two"])
+
+        refuse[0] = False
+        nbio.remove_reader(ours.fileno())
+        nbio.set_reader(ours.fileno(), lambda: handled.append(ours.recv(16)))
+        theirs.sendall(b"three")
+        loop.poll()
+        assert (taken, handled) == ([b"one"], [b"two", b"three"])
+    finally:
+        nbio.remove_reader(ours.fileno())
+        loop.deactivate_poller()
+        loop.close()
