@@ -40,6 +40,7 @@ def _escape_table() -> dict[int, str]:
 
 _ESCAPES = _escape_table()
 _PLAIN = re.compile(r"[\x20-\x5b\x5d-\x7e]*\Z")
+_PLAIN_BYTES = re.compile(rb"[\x20-\x5b\x5d-\x7e]*\Z")  # printable ASCII but backslash
 
 
 def escape_body(body: bytes) -> str:
@@ -57,6 +58,8 @@ def escape_body_bytes(body: bytes) -> bytes | bytearray:
     """escape_body, UTF-8 encoded, built chunk by chunk so a huge body costs a small multiple of
     its size (the str of a whole binary body would take four bytes per byte, twice over)."""
     if len(body) <= _CHUNK:
+        if _PLAIN_BYTES.match(body):
+            return body  # nothing to escape: no decoding and encoding again
         return escape_body(body).encode("utf-8")
     decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
     out = bytearray()
@@ -229,7 +232,10 @@ class DailyLog:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
+    written = os.write(fd, data)
+    if written == len(data):
+        return
+    view = memoryview(data)[written:]
     while view:
         written = os.write(fd, view)
         view = view[written:]

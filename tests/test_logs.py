@@ -81,6 +81,18 @@ def test_message_text_escapes_only_what_it_keeps(body: bytes, max_line: int) -> 
     assert message_text(body, max_line) == expected
 
 
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.text(st.characters(min_codepoint=0x1F, max_codepoint=0x80)).map(str.encode),
+    )
+)
+def test_escaped_bytes_are_the_escaped_text_encoded(body: bytes) -> None:
+    """Including the plain printable-ASCII bodies that skip decoding (and the backslash, which
+    does not)."""
+    assert escape_body_bytes(body) == escape_body(body).encode()
+
+
 def test_chunked_escaping_of_big_bodies_matches() -> None:
     text_body = ("中文 line\n\t" * 20000).encode()  # multi-byte characters across chunk edges
     binary_body = bytes(range(256)) * 1000
