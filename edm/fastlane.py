@@ -69,20 +69,27 @@ class Lane:
         self.on_delivery = on_delivery
 
 
+def _frame_end(data: bytes, pos: int, kind: int, channel: int, least: int) -> int:
+    """The index of the end marker of the whole frame of ``kind`` on ``channel`` at ``pos``,
+    its payload at least ``least`` bytes; -1 when what is there is not such a frame (yet)."""
+    if len(data) - pos < 8 + least or data[pos] != kind:
+        return -1
+    _, on, size = _FRAME.unpack_from(data, pos)
+    end: int = pos + 7 + size
+    if on != channel or size < least or end >= len(data) or data[end] != _FRAME_END:
+        return -1
+    return end
+
+
 def take_delivery(data: bytes, pos: int, lane: Lane) -> tuple[int, int]:
     """Decode one complete delivery for ``lane`` at ``data[pos:]`` and hand it over.
 
     Returns (the position after it, frames taken), or (pos, 0) when what is there is not a
     complete delivery for the lane: pika's generic path deals with it then.
     """
-    size_all = len(data)
-    if size_all - pos < 12 or data[pos] != _METHOD:
-        return pos, 0
-    _, channel, size = _FRAME.unpack_from(data, pos)
-    end = pos + 7 + size
-    if channel != lane.channel_number or end >= size_all or data[end] != _FRAME_END:
-        return pos, 0
-    if _U32.unpack_from(data, pos + 7)[0] != _DELIVER:
+    channel = lane.channel_number
+    end = _frame_end(data, pos, _METHOD, channel, 5)  # class, method, consumer tag's length
+    if end < 0 or _U32.unpack_from(data, pos + 7)[0] != _DELIVER:
         return pos, 0
     # the arguments: consumer tag, delivery tag, redelivered, exchange, routing key
     p = pos + 11
@@ -99,11 +106,8 @@ def take_delivery(data: bytes, pos: int, lane: Lane) -> tuple[int, int]:
     routing_key = data[p + 1 : p + 1 + data[p]]
 
     header = end + 1
-    if size_all - header < 7 + 12 or data[header] != _HEADER:
-        return pos, 0
-    _, channel, size = _FRAME.unpack_from(data, header)
-    header_end = header + 7 + size
-    if channel != lane.channel_number or header_end >= size_all or data[header_end] != _FRAME_END:
+    header_end = _frame_end(data, header, _HEADER, channel, 14)  # class, weight, size, flags
+    if header_end < 0:
         return pos, 0
     left = _U64.unpack_from(data, header + 11)[0]
     properties = data[header + 19 : header_end]
@@ -111,16 +115,11 @@ def take_delivery(data: bytes, pos: int, lane: Lane) -> tuple[int, int]:
     p = header_end + 1
     parts = []
     while left > 0:
-        if size_all - p < 8 or data[p] != _BODY:
-            return pos, 0
-        _, channel, size = _FRAME.unpack_from(data, p)
-        body_end = p + 7 + size
-        if channel != lane.channel_number or body_end >= size_all or data[body_end] != _FRAME_END:
-            return pos, 0
-        if size > left:
-            return pos, 0  # more body than announced: pika's error, not ours
+        body_end = _frame_end(data, p, _BODY, channel, 0)
+        if body_end < 0 or body_end - p - 7 > left:
+            return pos, 0  # not there yet, or more body than announced (pika's error, not ours)
         parts.append(data[p + 7 : body_end])
-        left -= size
+        left -= body_end - p - 7
         p = body_end + 1
     body = parts[0] if len(parts) == 1 else b"".join(parts)
     try:
