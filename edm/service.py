@@ -22,7 +22,6 @@ from edm import handlers, plugins
 from edm.config import Config, load_handler
 from edm.consumer import Consumer, Handler
 from edm.errors import EdmError
-from edm.ioloop import FlushingIOLoop
 from edm.logs import DailyLog, setup_logging
 from edm.worker import EXIT_BOOT, EXIT_OK, send_event
 
@@ -89,8 +88,8 @@ def consumer_main(config: Config, conn: Connection) -> int:
         return EXIT_BOOT
     sink = handlers.MessageLog(daily, config.log.max_line)
     handlers.bind(sink)
-    ioloop = FlushingIOLoop()
-    consumer = Consumer(config.amqp, handler, lambda snap: send_event(conn, "state", **snap), ioloop)
+    consumer = Consumer(config.amqp, handler, lambda snap: send_event(conn, "state", **snap))
+    ioloop = consumer.ioloop  # the consumer's own loop (it flushes acks): signals share it
     signals = SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP))
     parent = os.getppid()
 
