@@ -63,6 +63,18 @@ def amqp_channel() -> tuple[pika.BlockingConnection, Any]:
     return connection, connection.channel()
 
 
+def delete_topology(queues: set[str], exchanges: set[str]) -> None:
+    """Delete the queues, and the exchanges with their ``.dead`` companions, a test made."""
+    connection, channel = amqp_channel()
+    try:
+        for queue in queues:
+            channel.queue_delete(queue)
+        for exchange in exchanges | {f"{e}.dead" for e in exchanges}:
+            channel.exchange_delete(exchange)
+    finally:
+        connection.close()
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -273,15 +285,8 @@ class EdmEnv:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        connection, channel = amqp_channel()
-        try:
-            queues = {self.tag, self.queue, *self.extra_queues}
-            for queue in queues | {f"{q}.dead" for q in queues}:
-                channel.queue_delete(queue)
-            for exchange in {self.exchange, f"{self.exchange}.dead", *self.extra_exchanges}:
-                channel.exchange_delete(exchange)
-        finally:
-            connection.close()
+        queues = {self.tag, self.queue, *self.extra_queues}
+        delete_topology(queues | {f"{q}.dead" for q in queues}, {self.exchange, *self.extra_exchanges})
 
 
 @pytest.fixture

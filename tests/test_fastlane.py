@@ -10,7 +10,7 @@ import pika
 import pika.frame
 import pika.spec
 import pytest
-from conftest import AMQP_URL, amqp_channel, unique
+from conftest import AMQP_URL, amqp_channel, delete_topology, unique
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -176,14 +176,7 @@ def test_a_message_decodes_its_properties_once_and_only_when_asked() -> None:
 def names() -> Iterator[str]:
     name = unique("fastlane")
     yield name
-    connection, channel = amqp_channel()
-    try:
-        for queue in (name, f"{name}.dead"):
-            channel.queue_delete(queue)
-        for exchange in (name, f"{name}.dead"):
-            channel.exchange_delete(exchange)
-    finally:
-        connection.close()
+    delete_topology({name, f"{name}.dead"}, {name})
 
 
 def consume(name: str, count: int, publish: Callable[[], None], handler: Any = None) -> list[Message]:
