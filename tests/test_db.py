@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections.abc import Iterator
@@ -146,6 +147,106 @@ def test_a_session_keeps_one_connection_and_replaces_a_lost_one(db: Database, ta
         with session.transaction() as cur:
             cur.execute(f"SELECT COUNT(*) FROM `{table}`")
             assert cur.fetchone()[0] == 4
+
+
+def _rows(db: Database, table: str) -> list[int]:
+    with db.connection() as con, con.cursor() as cur:
+        cur.execute(f"SELECT id FROM `{table}` ORDER BY id")
+        return [row[0] for row in cur.fetchall()]
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def test_send_atomic_leaves_transactions_in_flight_on_two_sessions_at_once(db: Database, table: str) -> None:
+    """Given a slow transaction sent on one session, a second session sends its own without
+    waiting, its outcome arrives first, and both commit once finished."""
+    with db.transaction() as cur:
+        cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)")
+    with db.session() as slow_session, db.session() as quick_session:
+        started = time.monotonic()
+        slow = slow_session.send_atomic([("DO SLEEP(%s)", [0.6]), (f"INSERT INTO `{table}` VALUES (1)", [])])
+        quick = quick_session.send_atomic([(f"INSERT INTO `{table}` VALUES (%s)", [2])])
+        assert time.monotonic() - started < 0.3  # neither waited for the slow one
+        assert slow.fileno() >= 0 and quick.fileno() >= 0
+        assert _readable(quick.fileno(), 5)
+        assert not _readable(slow.fileno(), 0)  # still sleeping
+        quick.finish()
+        assert _rows(db, table) == [2]
+        slow.finish()
+        assert time.monotonic() - started >= 0.6
+        assert _rows(db, table) == [1, 2]
+
+
+def test_send_atomic_that_fails_commits_nothing_and_the_session_goes_on(db: Database, table: str) -> None:
+    with db.transaction() as cur:
+        cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)")
+    with db.session() as session:
+        session.send_atomic([(f"INSERT INTO `{table}` VALUES (1)", [])]).finish()
+        failing = session.send_atomic(
+            [(f"INSERT INTO `{table}` VALUES (2)", []), (f"INSERT INTO `{table}` VALUES (1)", [])]
+        )
+        with pytest.raises(DatabaseError) as info:
+            failing.finish()
+        assert not isinstance(info.value, DatabaseUnavailable)
+        with pytest.raises(DatabaseError):
+            failing.finish()  # the outcome stays what it was
+        session.send_atomic([(f"INSERT INTO `{table}` VALUES (3)", [])]).finish()
+    assert _rows(db, table) == [1, 3]
+
+
+def test_a_connection_lost_in_flight_is_unavailable_and_replaced(db: Database, table: str) -> None:
+    with db.transaction() as cur:
+        cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)")
+    with db.session() as session:
+        with session.transaction() as cur:
+            cur.execute("SELECT CONNECTION_ID()")
+            (first,) = cur.fetchone()
+        pending = session.send_atomic([("DO SLEEP(%s)", [5]), (f"INSERT INTO `{table}` VALUES (1)", [])])
+        with pytest.raises(RuntimeError):
+            session.send_atomic([(f"INSERT INTO `{table}` VALUES (2)", [])])  # busy until finished
+        root = root_connection()
+        with root.cursor() as cur:
+            cur.execute(f"KILL {first}")
+        root.close()
+        with pytest.raises(DatabaseUnavailable):
+            pending.finish()
+        session.send_atomic([(f"INSERT INTO `{table}` VALUES (3)", [])]).finish()
+        with session.transaction() as cur:
+            cur.execute("SELECT CONNECTION_ID()")
+            assert cur.fetchone()[0] != first
+    assert _rows(db, table) == [3]
+
+
+def test_closing_a_session_waits_for_its_transaction_in_flight(db: Database, table: str) -> None:
+    with db.transaction() as cur:
+        cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)")
+    session = db.session()
+    pending = session.send_atomic([("DO SLEEP(%s)", [0.3]), (f"INSERT INTO `{table}` VALUES (7)", [])])
+    session.close()
+    assert _rows(db, table) == [7]
+    pending.finish()  # committed: no error
+
+
+def test_send_atomic_on_sqlite_is_done_when_it_returns(tmp_path: Path) -> None:
+    db = Database.open(DatabaseConfig(url=f"sqlite:///{tmp_path}/edm.db"))
+    try:
+        with db.session() as session:
+            session.atomic([("CREATE TABLE t (id INTEGER PRIMARY KEY)", [])])
+            done = session.send_atomic([("INSERT INTO t VALUES (?)", [1])])
+            assert done.fileno() == -1
+            failed = session.send_atomic(
+                [("INSERT INTO t VALUES (?)", [2]), ("INSERT INTO t VALUES (?)", [1])]
+            )
+            assert failed.fileno() == -1
+            done.finish()
+            with pytest.raises(DatabaseError):
+                failed.finish()
+            with session.transaction() as cur:
+                assert cur.execute("SELECT id FROM t").fetchall() == [(1,)]
+    finally:
+        db.close()
 
 
 def _count_connections(user: str) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -105,3 +106,83 @@ def test_an_outage_spools_repeats_and_replays_them_in_order(
     expected = [(1, 1, Decimal("1.0000"), "Y")] + [(t, 5, Decimal("0.0100"), "Y") for t in range(2, 34)]
     assert rows(root_sql, table) == expected
     assert not config.plugins.fee.spool.exists()
+
+
+def slow_table(root_sql: SQL, table: str, seconds: float) -> None:
+    """The fee table, made beforehand (the receiver uses it as it is), where inserting a fee
+    of login 999 takes ``seconds``: a batch holding one stays in flight that long."""
+    root_sql(
+        f"CREATE TABLE `{table}` (ticket BIGINT NOT NULL PRIMARY KEY, login BIGINT NOT NULL,"
+        " volume DECIMAL(20,4) NOT NULL, status CHAR(1) NOT NULL DEFAULT 'N')"
+    )
+    root_sql(
+        f"CREATE TRIGGER `{table}_slow` BEFORE INSERT ON `{table}` FOR EACH ROW"
+        f" SET NEW.volume = NEW.volume + IF(NEW.login = 999, SLEEP({seconds}), 0)"
+    )
+
+
+def ask_later(
+    context: zmq.Context[Any], endpoint: str, body: bytes, delay: float
+) -> tuple[list[Any], threading.Thread]:
+    """Send ``body`` from a client of its own after ``delay`` s; [reply, seconds it took] once done."""
+    result: list[Any] = []
+
+    def run() -> None:
+        client = Client(context, endpoint)
+        try:
+            time.sleep(delay)
+            started = time.monotonic()
+            result.append(client.ask(body))
+            result.append(time.monotonic() - started)
+        finally:
+            client.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return result, thread
+
+
+@pytest.mark.parametrize("pool_size", [8, 1])
+def test_a_slow_batch_does_not_hold_up_the_next_one(
+    make_config: Callable[..., Config],
+    databases: Any,
+    plugins: Any,
+    table: str,
+    root_sql: SQL,
+    zctx: Any,
+    pool_size: int,
+) -> None:
+    """Given a batch that takes 1 s to store, a request that comes meanwhile is stored and
+    answered on a second pooled connection without waiting for it; with a pool of one
+    connection it waits."""
+    slow_table(root_sql, table, 1.0)
+    config = make_config(table=table, pool_size=pool_size)
+    plugin = plugins(config, databases(config))
+    slow, slow_thread = ask_later(zctx, plugin.endpoint, b"1,999,1", 0)
+    quick, quick_thread = ask_later(zctx, plugin.endpoint, b"2,1,1", 0.2)
+    for thread in (slow_thread, quick_thread):
+        thread.join(30)
+    assert slow[0] == quick[0] == b"TRUE"
+    if pool_size > 1:
+        assert quick[1] < 0.6, quick
+    else:
+        assert quick[1] > 0.7, quick
+    assert [r[:2] for r in rows(root_sql, table)] == [(1, 999), (2, 1)]
+
+
+def test_a_ticket_in_a_batch_in_flight_waits_for_it(
+    make_config: Callable[..., Config], databases: Any, plugins: Any, table: str, root_sql: SQL, zctx: Any
+) -> None:
+    """Given ticket 5 in a batch still being stored, a later fee of ticket 5 is not stored
+    beside it on the other connection: it waits, and the first values stay."""
+    slow_table(root_sql, table, 1.0)
+    config = make_config(table=table)
+    plugin = plugins(config, databases(config))
+    first, first_thread = ask_later(zctx, plugin.endpoint, b"5,999,1", 0)
+    repeat, repeat_thread = ask_later(zctx, plugin.endpoint, b"5,2,2", 0.2)
+    other, other_thread = ask_later(zctx, plugin.endpoint, b"6,2,2", 0.4)
+    for thread in (first_thread, repeat_thread, other_thread):
+        thread.join(30)
+    assert first[0] == repeat[0] == other[0] == b"TRUE"
+    assert rows(root_sql, table) == [(5, 999, Decimal("1.0000"), "Y"), (6, 2, Decimal("2.0000"), "Y")]
+    assert plugin.status()["duplicates"] == 1

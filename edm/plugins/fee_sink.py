@@ -3,8 +3,10 @@
 Once anything is spooled, every later batch is spooled behind it until the replay has caught
 up, so a ticket's spooled fee always reaches the table before a later fee of the same
 ticket. The replay moves spooled fees into the table, oldest first, in slices of at most
-REPLAY_SLICE seconds between batches, once the retry time has come. A Sink belongs to the
-receiver's one thread.
+REPLAY_SLICE seconds between batches, once the retry time has come (and only while no batch
+is in flight). Batches in flight together never share a ticket (the receiver sees to it), so
+the order in which their outcomes arrive does not matter. A Sink belongs to the receiver's
+one thread.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from edm.db import Session
 from edm.errors import DatabaseError
@@ -26,6 +29,19 @@ UNAVAILABLE = b"FALSE database and spool unavailable"
 REPLAY_BATCH = 500  # spooled fees per transaction
 RETRY_MIN, RETRY_MAX = 0.5, 5.0  # seconds between attempts to reach a database that is down
 REPLAY_SLICE = 0.2  # seconds of replay before the receiver looks at new requests again
+
+
+@dataclass
+class Put:
+    """A batch of fees on its way: being stored (``storing``), or already answered (``reply``)."""
+
+    fees: Sequence[Fee]
+    storing: fee_store.Storing | None = None
+    reply: bytes = TRUE
+
+    def fileno(self) -> int:
+        """What to wait on before ``Sink.finish()``; -1 when it need not wait."""
+        return -1 if self.storing is None else self.storing.fileno()
 
 
 class Sink:
@@ -45,16 +61,54 @@ class Sink:
         self._retry_delay = RETRY_MIN
         self._count = count
 
+    def prepare(self, sessions: Sequence[Session]) -> None:
+        """Connect the sessions and create the table before the first request needs them.
+
+        A database that does not answer now is only noted: the first batch meets it again
+        and goes to the spool then."""
+        try:
+            for session in sessions:
+                with session.connection():
+                    pass
+            if sessions:
+                self._ready(sessions[0])
+        except DatabaseError as exc:
+            log.warning("The database does not answer yet (%s); fees are spooled while it does not.", exc)
+
     def put(self, session: Session, fees: Sequence[Fee]) -> bytes:
         """Make the fees durable; the reply they all get (TRUE unless table and spool failed)."""
-        if not self._spool.pending:
-            try:
-                self._store(session, fees)
-            except DatabaseError as exc:
-                self._database_down(exc)
-            else:
-                self._count("stored", len(fees))
-                return TRUE
+        return self.finish(self.start(session, fees))
+
+    def start(self, session: Session, fees: Sequence[Fee]) -> Put:
+        """``put()``'s first half: send the fees to the table (or spool them, see the module);
+        ``finish()`` completes it. Between the two the session takes no other work."""
+        if self._spool.pending:
+            return Put(fees, reply=self._spooled(fees))
+        try:
+            self._ready(session)
+            storing = fee_store.Storing(session, self._table, fees, self._process)
+        except DatabaseError as exc:
+            self._database_down(exc)
+            return Put(fees, reply=self._spooled(fees))
+        return Put(fees, storing=storing)
+
+    def finish(self, put: Put) -> bytes:
+        """Wait for a started put's outcome; the reply its fees all get.
+
+        A batch the table refused goes to the spool, behind whatever is spooled already.
+        """
+        if put.storing is None:
+            return put.reply
+        try:
+            result = put.storing.finish()
+        except DatabaseError as exc:
+            self._database_down(exc)
+            return self._spooled(put.fees)
+        self._stored(result)
+        self._count("stored", len(put.fees))
+        return TRUE
+
+    def _spooled(self, fees: Sequence[Fee]) -> bytes:
         try:
             self._spool.append(fees)
         except OSError as exc:
@@ -85,10 +139,15 @@ class Sink:
                 log.info("The fee spool is replayed; fees go straight to the table again.")
 
     def _store(self, session: Session, fees: Sequence[Fee]) -> None:
+        self._ready(session)
+        self._stored(fee_store.store(session, self._table, fees, self._process))
+
+    def _ready(self, session: Session) -> None:
         if not self._table_ready:
             fee_store.create_table(session, self._table)
             self._table_ready = True
-        result = fee_store.store(session, self._table, fees, self._process)
+
+    def _stored(self, result: fee_store.Stored) -> None:
         if self._retry_delay > RETRY_MIN:
             log.info("The database answers again.")
         self._retry_delay = RETRY_MIN

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from edm.db import Transactions
+from edm.db import Pending, Transactions
 from edm.errors import DatabaseError, DatabaseUnavailable
 from edm.plugins.fee_parse import Fee
 
@@ -71,31 +71,56 @@ def store(db: Transactions, table: str, fees: Sequence[Fee], process: Process | 
     row, the first values stay. Raises DatabaseError (nothing committed) on any failure.
     Without a processing step (``process`` None) a batch of new tickets is one round trip.
     """
-    kept: dict[int, Fee] = {}  # ticket -> the values the table keeps
-    for fee in fees:
-        kept.setdefault(fee.ticket, fee)
-    unique = list(kept.values())
-    # The common case has no repeats: insert straight away. Only a batch with a repeat pays
-    # for the look-up below.
-    try:
+    return Storing(db, table, fees, process).finish()
+
+
+class Storing:
+    """``store()`` in two halves: the batch's one-round-trip transaction is sent when this is
+    built (no processing step, see ``Transactions.send_atomic``), and ``finish()`` learns
+    its outcome and returns what ``store()`` does. ``fileno()`` is what to wait on before
+    ``finish()``: -1 when it does not wait (or does everything itself, with a processing step).
+    """
+
+    def __init__(self, db: Transactions, table: str, fees: Sequence[Fee], process: Process | None) -> None:
+        self._db, self._table, self._fees, self._process = db, table, fees, process
+        self._kept: dict[int, Fee] = {}  # ticket -> the values the table keeps
+        for fee in fees:
+            self._kept.setdefault(fee.ticket, fee)
+        self._unique = list(self._kept.values())
+        # The common case has no repeats: insert straight away. Only a batch with a repeat
+        # pays for the look-up in finish().
+        self._pending: Pending | None = None
         if process is None:
-            _store_at_once(db, table, unique)
+            statements = [
+                *_insert_statements(db, table, self._unique, "INSERT"),
+                *_finish_statements(db, table, self._unique),
+            ]
+            self._pending = db.send_atomic(statements)
+
+    def fileno(self) -> int:
+        return -1 if self._pending is None else self._pending.fileno()
+
+    def finish(self) -> Stored:
+        db, table, kept, unique, process = self._db, self._table, self._kept, self._unique, self._process
+        try:
+            if self._pending is not None:
+                _finish_at_once(self._pending)
+            else:
+                with db.transaction() as cur:
+                    if _insert(db, cur, table, unique) != len(unique):  # a repeat is not counted
+                        raise _Repeats
+                    _finish(db, cur, table, unique, process)
+        except _Repeats:
+            pass
         else:
-            with db.transaction() as cur:
-                if _insert(db, cur, table, unique) != len(unique):  # a repeat is not counted
-                    raise _Repeats
-                _finish(db, cur, table, unique, process)
-    except _Repeats:
-        pass
-    else:
-        return _tally(fees, kept, len(unique))
-    with db.transaction() as cur:
-        kept.update(_existing(db, cur, table, list(kept)))
-        new = [fee for fee in unique if kept[fee.ticket] is fee]
-        if new:
-            _insert(db, cur, table, new)
-            _finish(db, cur, table, new, process)
-    return _tally(fees, kept, len(new))
+            return _tally(self._fees, kept, len(unique))
+        with db.transaction() as cur:
+            kept.update(_existing(db, cur, table, list(kept)))
+            new = [fee for fee in unique if kept[fee.ticket] is fee]
+            if new:
+                _insert(db, cur, table, new)
+                _finish(db, cur, table, new, process)
+        return _tally(self._fees, kept, len(new))
 
 
 def _tally(fees: Sequence[Fee], kept: dict[int, Fee], inserted: int) -> Stored:
@@ -114,15 +139,15 @@ class _Repeats(Exception):
     """Rolls back the fast path of a batch holding a ticket the table already has."""
 
 
-def _store_at_once(db: Transactions, table: str, fees: list[Fee]) -> None:
-    """Insert, mark Y and commit in one round trip; _Repeats when a ticket is already there.
+def _finish_at_once(pending: Pending) -> None:
+    """The outcome of the insert, mark-Y and commit sent in one round trip; _Repeats when a
+    ticket is already there.
 
     The INSERT has no IGNORE: a ticket the table holds fails it, which stops the packet
     before the COMMIT. Any other failure is met again, and raised, on the careful path.
     """
-    statements = [*_insert_statements(db, table, fees, "INSERT"), *_finish_statements(db, table, fees)]
     try:
-        db.atomic(statements)
+        pending.finish()
     except DatabaseUnavailable:
         raise
     except DatabaseError:
