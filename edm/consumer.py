@@ -160,9 +160,13 @@ class Consumer:
             while self._running:
                 with self._io:
                     self.ioloop.poll()
+                    if not self._deliveries:
+                        self.ioloop.process_timeouts()
+                        continue
+                # A delivery first: the broker waits for its ack, the timers can wait for it.
+                self._handle_deliveries()
+                with self._io:
                     self.ioloop.process_timeouts()
-                if self._deliveries:
-                    self._handle_deliveries()
         finally:
             self._running = False
             self._keeper_tick.set()

