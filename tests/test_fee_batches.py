@@ -186,3 +186,32 @@ def test_a_ticket_in_a_batch_in_flight_waits_for_it(
     assert first[0] == repeat[0] == other[0] == b"TRUE"
     assert rows(root_sql, table) == [(5, 999, Decimal("1.0000"), "Y"), (6, 2, Decimal("2.0000"), "Y")]
     assert plugin.status()["duplicates"] == 1
+
+
+def test_batches_in_flight_when_the_database_is_cut_are_spooled_and_replayed(
+    make_config: Callable[..., Config], databases: Any, plugins: Any, table: str, root_sql: SQL, zctx: Any
+) -> None:
+    """Given two batches in flight on two connections, a cut of both connections gets each
+    batch spooled and answered TRUE; once the database is back each fee is in the table once
+    (the server may have committed a batch whose answer the cut lost: the replay finds it)."""
+    slow_table(root_sql, table, 0.8)
+    proxy = TcpProxy((MYSQL_HOST, MYSQL_PORT))
+    try:
+        config = make_config(url=f"mysql://root@127.0.0.1:{proxy.port}/{MYSQL_DB}", table=table)
+        plugin = plugins(config, databases(config))
+        first, first_thread = ask_later(zctx, plugin.endpoint, b"11,999,1", 0)
+        second, second_thread = ask_later(zctx, plugin.endpoint, b"12,999,2", 0.2)
+        time.sleep(0.4)
+        assert plugin.status()["queue"] == 2  # both batches in flight
+        proxy.cut()
+        for thread in (first_thread, second_thread):
+            thread.join(30)
+        assert first[0] == second[0] == b"TRUE"
+        assert plugin.status()["spooled"] == 2
+        proxy.restore()
+        assert wait_for(lambda: plugin.status()["state"] == "running", 30), plugin.status()
+    finally:
+        proxy.close()
+    assert wait_for(lambda: len(rows(root_sql, table)) == 2, 10)
+    assert rows(root_sql, table) == [(11, 999, Decimal("1.0000"), "Y"), (12, 999, Decimal("2.0000"), "Y")]
+    assert not config.plugins.fee.spool.exists()
