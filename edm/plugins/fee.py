@@ -232,9 +232,9 @@ class FeePlugin:
         free = list(sessions)  # sessions with no batch in flight
         flight: dict[int, _Flight] = {}  # by the database socket its outcome arrives on
         poller = zmq.Poller()
-        self._sink.prepare(sessions)
         idle_since = time.monotonic()
         try:
+            self._sink.prepare(sessions)
             while self._accepting.is_set():
                 if not flight:
                     self._sink.replay(free[0])
