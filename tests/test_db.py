@@ -160,23 +160,34 @@ def _readable(fd: int, timeout: float) -> bool:
 
 
 def test_send_atomic_leaves_transactions_in_flight_on_two_sessions_at_once(db: Database, table: str) -> None:
-    """Given a slow transaction sent on one session, a second session sends its own without
-    waiting, its outcome arrives first, and both commit once finished."""
+    """Given a transaction sent on one session that waits for a lock the test holds, a second
+    session sends its own without waiting, its outcome arrives while the first still waits,
+    and both commit once finished."""
     with db.transaction() as cur:
         cur.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)")
-    with db.session() as slow_session, db.session() as quick_session:
-        started = time.monotonic()
-        slow = slow_session.send_atomic([("DO SLEEP(%s)", [0.6]), (f"INSERT INTO `{table}` VALUES (1)", [])])
-        quick = quick_session.send_atomic([(f"INSERT INTO `{table}` VALUES (%s)", [2])])
-        assert time.monotonic() - started < 0.3  # neither waited for the slow one
-        assert slow.fileno() >= 0 and quick.fileno() >= 0
-        assert _readable(quick.fileno(), 5)
-        assert not _readable(slow.fileno(), 0)  # still sleeping
-        quick.finish()
-        assert _rows(db, table) == [2]
-        slow.finish()
-        assert time.monotonic() - started >= 0.6
-        assert _rows(db, table) == [1, 2]
+    gate = root_connection()
+    try:
+        with gate.cursor() as cur:
+            cur.execute("SELECT GET_LOCK(%s, 0)", (table,))
+        with db.session() as slow_session, db.session() as quick_session:
+            slow = slow_session.send_atomic(
+                [
+                    ("DO GET_LOCK(%s, 60) + RELEASE_LOCK(%s)", [table, table]),
+                    (f"INSERT INTO `{table}` VALUES (1)", []),
+                ]
+            )
+            quick = quick_session.send_atomic([(f"INSERT INTO `{table}` VALUES (%s)", [2])])
+            assert slow.fileno() >= 0 and quick.fileno() >= 0
+            assert _readable(quick.fileno(), 30)
+            assert not _readable(slow.fileno(), 0)  # still waiting for the lock
+            quick.finish()
+            assert _rows(db, table) == [2]
+            gate.close()  # releases the lock
+            slow.finish()
+            assert _rows(db, table) == [1, 2]
+    finally:
+        if gate.open:
+            gate.close()
 
 
 def test_send_atomic_that_fails_commits_nothing_and_the_session_goes_on(db: Database, table: str) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 import pytest
 import zmq
-from conftest import MYSQL_DB, MYSQL_HOST, MYSQL_PORT
+from conftest import MYSQL_DB, MYSQL_HOST, MYSQL_PORT, root_connection
 from netutil import Client, TcpProxy
 from test_fee import SQL, rows, wait_for
 
@@ -108,38 +107,63 @@ def test_an_outage_spools_repeats_and_replays_them_in_order(
     assert not config.plugins.fee.spool.exists()
 
 
-def slow_table(root_sql: SQL, table: str, seconds: float) -> None:
+class Gate:
+    """A MariaDB user lock held by the test: an insert of login 999 into a gated table waits
+    for it, so a batch holding such a fee stays in flight until ``open()``; no timing."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._connection = root_connection()
+        with self._connection.cursor() as cur:
+            cur.execute("SELECT GET_LOCK(%s, 0)", (name,))
+            assert cur.fetchone()[0] == 1
+
+    def open(self) -> None:
+        if self._connection.open:
+            self._connection.close()  # a closed session's user locks are released
+
+    def __enter__(self) -> Gate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.open()
+
+
+def gated_table(root_sql: SQL, table: str) -> Gate:
     """The fee table, made beforehand (the receiver uses it as it is), where inserting a fee
-    of login 999 takes ``seconds``: a batch holding one stays in flight that long."""
+    of login 999 waits for the returned gate to open."""
     root_sql(
         f"CREATE TABLE `{table}` (ticket BIGINT NOT NULL PRIMARY KEY, login BIGINT NOT NULL,"
         " volume DECIMAL(20,4) NOT NULL, status CHAR(1) NOT NULL DEFAULT 'N')"
     )
     root_sql(
-        f"CREATE TRIGGER `{table}_slow` BEFORE INSERT ON `{table}` FOR EACH ROW"
-        f" SET NEW.volume = NEW.volume + IF(NEW.login = 999, SLEEP({seconds}), 0)"
+        f"CREATE TRIGGER `{table}_gate` BEFORE INSERT ON `{table}` FOR EACH ROW"
+        f" SET NEW.volume = NEW.volume"
+        f" + IF(NEW.login = 999, (GET_LOCK('{table}', 60) + RELEASE_LOCK('{table}')) * 0, 0)"
     )
+    return Gate(table)
 
 
-def ask_later(
-    context: zmq.Context[Any], endpoint: str, body: bytes, delay: float
-) -> tuple[list[Any], threading.Thread]:
-    """Send ``body`` from a client of its own after ``delay`` s; [reply, seconds it took] once done."""
-    result: list[Any] = []
+class Asker:
+    """Send ``body`` from a client of its own in a thread; ``done`` is set with the reply."""
 
-    def run() -> None:
-        client = Client(context, endpoint)
+    def __init__(self, context: zmq.Context[Any], endpoint: str, body: bytes) -> None:
+        self.reply: bytes | None = None
+        self.done = threading.Event()
+        self._client = Client(context, endpoint)
+        self._thread = threading.Thread(target=self._run, args=(body,))
+        self._thread.start()
+
+    def _run(self, body: bytes) -> None:
         try:
-            time.sleep(delay)
-            started = time.monotonic()
-            result.append(client.ask(body))
-            result.append(time.monotonic() - started)
+            self.reply = self._client.ask(body)
         finally:
-            client.close()
+            self._client.close()
+            self.done.set()
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    return result, thread
+    def join(self) -> bytes | None:
+        self._thread.join(30)
+        return self.reply
 
 
 @pytest.mark.parametrize("pool_size", [8, 1])
@@ -152,21 +176,24 @@ def test_a_slow_batch_does_not_hold_up_the_next_one(
     zctx: Any,
     pool_size: int,
 ) -> None:
-    """Given a batch that takes 1 s to store, a request that comes meanwhile is stored and
-    answered on a second pooled connection without waiting for it; with a pool of one
-    connection it waits."""
-    slow_table(root_sql, table, 1.0)
-    config = make_config(table=table, pool_size=pool_size)
-    plugin = plugins(config, databases(config))
-    slow, slow_thread = ask_later(zctx, plugin.endpoint, b"1,999,1", 0)
-    quick, quick_thread = ask_later(zctx, plugin.endpoint, b"2,1,1", 0.2)
-    for thread in (slow_thread, quick_thread):
-        thread.join(30)
-    assert slow[0] == quick[0] == b"TRUE"
-    if pool_size > 1:
-        assert quick[1] < 0.6, quick
-    else:
-        assert quick[1] > 0.7, quick
+    """Given a batch held in flight, a request that comes meanwhile is stored and answered on
+    a second pooled connection without waiting for it; with a pool of one connection it waits
+    for the held batch and is answered after it."""
+    with gated_table(root_sql, table) as gate:
+        config = make_config(table=table, pool_size=pool_size)
+        plugin = plugins(config, databases(config))
+        slow = Asker(zctx, plugin.endpoint, b"1,999,1")
+        assert wait_for(lambda: plugin.status()["queue"] == 1, 10), plugin.status()
+        quick = Asker(zctx, plugin.endpoint, b"2,1,1")
+        if pool_size > 1:
+            assert quick.done.wait(30), "the quick request waited for the held batch"
+            assert not slow.done.is_set()
+        else:
+            # Correct code can never answer here (the one connection is held); a bound only
+            # limits how long a wrong one is given to show itself.
+            assert not quick.done.wait(0.5)
+        gate.open()
+        assert slow.join() == quick.join() == b"TRUE"
     assert [r[:2] for r in rows(root_sql, table)] == [(1, 999), (2, 1)]
 
 
@@ -175,15 +202,17 @@ def test_a_ticket_in_a_batch_in_flight_waits_for_it(
 ) -> None:
     """Given ticket 5 in a batch still being stored, a later fee of ticket 5 is not stored
     beside it on the other connection: it waits, and the first values stay."""
-    slow_table(root_sql, table, 1.0)
-    config = make_config(table=table)
-    plugin = plugins(config, databases(config))
-    first, first_thread = ask_later(zctx, plugin.endpoint, b"5,999,1", 0)
-    repeat, repeat_thread = ask_later(zctx, plugin.endpoint, b"5,2,2", 0.2)
-    other, other_thread = ask_later(zctx, plugin.endpoint, b"6,2,2", 0.4)
-    for thread in (first_thread, repeat_thread, other_thread):
-        thread.join(30)
-    assert first[0] == repeat[0] == other[0] == b"TRUE"
+    with gated_table(root_sql, table) as gate:
+        config = make_config(table=table)
+        plugin = plugins(config, databases(config))
+        first = Asker(zctx, plugin.endpoint, b"5,999,1")
+        assert wait_for(lambda: plugin.status()["queue"] == 1, 10), plugin.status()
+        repeat = Asker(zctx, plugin.endpoint, b"5,2,2")
+        assert wait_for(lambda: plugin.status()["requests"] == 2, 10), plugin.status()
+        other = Asker(zctx, plugin.endpoint, b"6,2,2")
+        assert not first.done.is_set() and not repeat.done.is_set()
+        gate.open()
+        assert first.join() == repeat.join() == other.join() == b"TRUE"
     assert rows(root_sql, table) == [(5, 999, Decimal("1.0000"), "Y"), (6, 2, Decimal("2.0000"), "Y")]
     assert plugin.status()["duplicates"] == 1
 
@@ -194,20 +223,19 @@ def test_batches_in_flight_when_the_database_is_cut_are_spooled_and_replayed(
     """Given two batches in flight on two connections, a cut of both connections gets each
     batch spooled and answered TRUE; once the database is back each fee is in the table once
     (the server may have committed a batch whose answer the cut lost: the replay finds it)."""
-    slow_table(root_sql, table, 0.8)
     proxy = TcpProxy((MYSQL_HOST, MYSQL_PORT))
     try:
-        config = make_config(url=f"mysql://root@127.0.0.1:{proxy.port}/{MYSQL_DB}", table=table)
-        plugin = plugins(config, databases(config))
-        first, first_thread = ask_later(zctx, plugin.endpoint, b"11,999,1", 0)
-        second, second_thread = ask_later(zctx, plugin.endpoint, b"12,999,2", 0.2)
-        time.sleep(0.4)
-        assert plugin.status()["queue"] == 2  # both batches in flight
-        proxy.cut()
-        for thread in (first_thread, second_thread):
-            thread.join(30)
-        assert first[0] == second[0] == b"TRUE"
-        assert plugin.status()["spooled"] == 2
+        with gated_table(root_sql, table) as gate:
+            config = make_config(url=f"mysql://root@127.0.0.1:{proxy.port}/{MYSQL_DB}", table=table)
+            plugin = plugins(config, databases(config))
+            first = Asker(zctx, plugin.endpoint, b"11,999,1")
+            assert wait_for(lambda: plugin.status()["queue"] == 1, 10), plugin.status()
+            second = Asker(zctx, plugin.endpoint, b"12,999,2")
+            assert wait_for(lambda: plugin.status()["queue"] == 2, 10), plugin.status()  # both in flight
+            proxy.cut()
+            assert first.join() == second.join() == b"TRUE"
+            assert plugin.status()["spooled"] == 2
+            gate.open()  # the server's sessions may now commit late: harmless
         proxy.restore()
         assert wait_for(lambda: plugin.status()["state"] == "running", 30), plugin.status()
     finally:

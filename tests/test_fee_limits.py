@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 import zmq
 import zmq.utils.monitor
-from netutil import Client, RawZmtp
+from netutil import Client, RawZmtp, tcp_received
 
+import edm.plugins.fee as fee_module
 from edm.config import Config
 from edm.db import Database
-from edm.plugins.fee import MAX_FRAME, MAX_PER_PEER, FeePlugin
+from edm.plugins.fee import MAX_FRAME, RCVHWM, FeePlugin
 
 SQL = Callable[..., list[tuple[Any, ...]]]
 
@@ -60,11 +61,23 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
 
 
 def test_a_pipelining_dealer_gets_a_bounded_number_into_each_batch(
-    make_config: Callable[..., Config], databases: Any, start: Any, table: str, root_sql: SQL, zctx: Any
+    make_config: Callable[..., Config],
+    databases: Any,
+    start: Any,
+    table: str,
+    root_sql: SQL,
+    zctx: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Given a DEALER pipelining 1,000 requests while a REQ client waits, no batch holds more
     than MAX_PER_PEER of the DEALER's requests, the rest of a batch's share is told FALSE busy,
-    the REQ client is served, and every TRUE is a row."""
+    the REQ client is served, and every TRUE is a row.
+
+    The cap is lowered below what libzmq buffers per connection (RCVHWM), so that the first
+    batch after the hold meets it whatever the threads' timing: with the real cap (above
+    RCVHWM) it is met only when libzmq refills the buffer while the receiver reads."""
+    cap = RCVHWM // 4
+    monkeypatch.setattr(fee_module, "MAX_PER_PEER", cap)
     release = threading.Event()
     batches: list[list[int]] = []
 
@@ -84,10 +97,20 @@ def test_a_pipelining_dealer_gets_a_bounded_number_into_each_batch(
     try:
         client.socket.send(b"5000,2,2")
         assert wait_for(lambda: plugin.status()["queue"] == 1, 5)
-        for ticket in range(1, 1001):
-            dealer.send_multipart([b"", f"{ticket},1,1".encode()])
-        time.sleep(0.5)  # libzmq buffers the flood; the receiver holds only the first batch
-        assert plugin.status()["requests"] == 1
+        flood = [f"{ticket},1,1".encode() for ticket in range(1, 1001)]
+        for body in flood:
+            dealer.send_multipart([b"", body])
+        # Wait until the flood is in the receiver's kernel buffer (all but the last handshake's
+        # worth of bytes) and libzmq has read well over ``cap`` requests of it into its queue.
+        flood_bytes = sum(4 + len(body) for body in flood)  # two frames: 2 + 2 header bytes
+        over_cap = 2 * (cap + 1) * (4 + len(flood[-1]))
+
+        def buffered() -> bool:
+            received, queued = max(tcp_received(port_of(plugin)))
+            return received >= flood_bytes and queued <= flood_bytes - over_cap
+
+        assert wait_for(buffered, 15), tcp_received(port_of(plugin))
+        assert plugin.status()["requests"] == 1  # the receiver still holds only the first batch
         release.set()
         replies = [dealer.recv_multipart()[-1] for _ in range(1000)]
         assert client.socket.recv() == b"TRUE"
@@ -96,7 +119,7 @@ def test_a_pipelining_dealer_gets_a_bounded_number_into_each_batch(
         dealer.close(0)
         client.close()
     assert batches[0] == [5000]
-    assert all(len(batch) <= MAX_PER_PEER for batch in batches[1:]), [len(b) for b in batches]
+    assert all(len(batch) <= cap for batch in batches[1:]), [len(b) for b in batches]
     status = plugin.status()
     assert replies.count(b"TRUE") + replies.count(b"FALSE busy") == 1000
     assert status["busy"] == replies.count(b"FALSE busy") > 0

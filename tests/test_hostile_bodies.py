@@ -50,9 +50,10 @@ def test_hostile_bodies_are_one_line_each(edm_env: EdmEnv) -> None:
 
 def test_a_huge_body_is_logged_whole_with_bounded_memory(edm_env: EdmEnv) -> None:
     edm_env.start()
+    edm_env.wait_consuming()  # the worker has imported, connected and settled
     worker = edm_env.worker_pid()
     assert worker is not None
-    before = _vm(worker, "VmRSS")
+    before = _vm(worker, "VmHWM")
     body = os.urandom(16 * MIB)
     edm_env.publish([body, b"small one after"])
     wait_for(lambda: edm_env.queue_depth() == 0, timeout=60, interval=0.5)

@@ -120,10 +120,36 @@ def test_the_quick_start_test_command_is_what_ci_runs() -> None:
     assert ci[-1] == "./scripts/setup && .venv/bin/python -m pytest -q"
 
 
+def _leaves(doc: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    found: list[tuple[tuple[str, ...], Any]] = []
+    for key, value in doc.items():
+        if isinstance(value, dict) and value:
+            found += _leaves(value, (*prefix, key))
+        else:
+            found.append(((*prefix, key), value))
+    return found
+
+
 def test_yaml_blocks_are_valid_config_fragments(tmp_path: Path) -> None:
-    for block in blocks(README.read_text(encoding="utf-8")):
-        if block.lang == "yaml":
-            parse(yaml.safe_load(block.body), tmp_path / "mq.yaml", environ={})
+    """Every yaml block of the README is a valid fragment, and the config it gives holds each
+    value the block sets (a path as the absolute path it names)."""
+    yaml_blocks = [b for b in blocks(README.read_text(encoding="utf-8")) if b.lang == "yaml"]
+    assert yaml_blocks
+    for block in yaml_blocks:
+        doc = yaml.safe_load(block.body)
+        config = parse(doc, tmp_path / "mq.yaml", environ={})
+        leaves = _leaves(doc)
+        assert leaves, block.body
+        for keys, value in leaves:
+            got: Any = config
+            for key in keys:
+                got = getattr(got, key)
+            if isinstance(got, Path):
+                assert got == (tmp_path / value).resolve(), (keys, got, value)
+            elif isinstance(got, tuple) and isinstance(value, str):
+                assert value in got, (keys, got, value)
+            else:
+                assert got == value, (keys, got, value)
 
 
 # -- running the sh blocks -----------------------------------------------------------------

@@ -7,7 +7,6 @@ import random
 import signal
 import subprocess
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -77,7 +76,7 @@ def test_close_all_connections_and_stop_app_mid_stream(edm_env: EdmEnv) -> None:
     wait_for(lambda: len(edm_env.message_lines()) >= 250, timeout=30)
 
     assert rabbitmqctl("stop_app").returncode == 0
-    time.sleep(2)
+    wait_for(lambda: edm_env.log_text().count("Lost the connection") >= 2, timeout=30)
     assert rabbitmqctl("start_app").returncode == 0
     rabbitmqctl("await_startup")
     edm_env.wait_consuming(timeout=40)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from edm.consumer import Message
 from edm.handlers import log_message
 
+log = logging.getLogger(__name__)
+
 
 def slow(message: Message) -> None:
     """Sleep as many seconds as the body's ``sleep=N`` prefix asks, then log the message."""
     if message.body.startswith(b"sleep="):
+        log.info("The slow handler started on %r.", message.body[:40])  # a test waits for this
         time.sleep(float(message.body.split(b" ", 1)[0][6:]))
     log_message(message)
 
