@@ -1,8 +1,7 @@
-"""Broker URLs: masking, pika connection parameters, and publishing with confirms."""
+"""Broker URLs: pika connection parameters, errors in words, and publishing with confirms."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -10,30 +9,7 @@ import pika
 import pika.exceptions
 
 from edm.errors import BrokerError
-
-_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?=@)")
-
-
-_URL = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:\*\*\*@\S*)")
-
-
-def mask_url(url: str) -> str:
-    """Hide the password of a URL: amqp://guest:***@host:5672/%2F."""
-    return _PASSWORD.sub(lambda m: m.group("head") + "***", url)
-
-
-def mask_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """Mask every URL password in ``text`` and any of the given secret strings."""
-    text = mask_url(text)
-    secrets = [s for s in secrets if s]
-    if not secrets:
-        return text
-    # URLs are already masked; a user name that equals the password stays readable there.
-    pieces = _URL.split(text)
-    for i in range(0, len(pieces), 2):
-        for secret in secrets:
-            pieces[i] = pieces[i].replace(secret, "***")
-    return "".join(pieces)
+from edm.redact import mask_text, mask_url
 
 
 def parameters(url: str, heartbeat: int | None = None) -> pika.URLParameters:
@@ -104,4 +80,4 @@ def describe(exc: BaseException | str) -> str:
         return "authentication failed (check the user name and password)"
     if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
         return "access denied (check the virtual host and the user's permissions)"
-    return mask_url(str(exc) or type(exc).__name__)
+    return mask_text(str(exc) or type(exc).__name__)

@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edm import __version__
-from edm.broker import mask_text
 from edm.config import (
     Config,
     Essentials,
@@ -24,6 +23,7 @@ from edm.config import (
 )
 from edm.errors import ConfigError, EdmError, PidfileError
 from edm.pidfile import PidState, read_status
+from edm.redact import mask_text
 from edm.state import read_state, status_path
 
 # Exit codes, LSB where the init script passes them through.

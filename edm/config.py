@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from edm.errors import ConfigError
+from edm.redact import mask_url, passwords_in
 
 SYSTEM_CONFIG = Path("/etc/edm/mq.yaml")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -235,8 +236,6 @@ def _path(raw: Mapping[str, Any], key: str, prefix: str, default: str, base: Pat
 
 def check_amqp_url(url: str, key: str = "amqp.url") -> str:
     """Accept amqp:// and amqps:// URLs with a host; the error never shows the password."""
-    from edm.broker import mask_url
-
     if not isinstance(url, str) or not url:
         raise ConfigError(f"{key}: must be an amqp:// URL or a list of them")
     try:
@@ -409,25 +408,12 @@ def password_warning(config: Config) -> str | None:
         text = config.path.read_text(encoding="utf-8")
     except OSError:
         return None
-    has_password = any((urlsplit(u).password or "") for u in _urls_in(text))
-    if has_password and mode & 0o044:
+    if passwords_in(text) and mode & 0o044:
         return (
             f"{config.path}: holds a password and is readable by group or others "
             f"(mode {mode & 0o777:04o}); chmod 600 it"
         )
     return None
-
-
-def _urls_in(text: str) -> list[str]:
-    urls = []
-    for token in text.replace('"', " ").replace("'", " ").replace(",", " ").split():
-        if "://" in token:
-            try:
-                urlsplit(token).password  # noqa: B018 - raises on a malformed port
-            except ValueError:
-                continue
-            urls.append(token)
-    return urls
 
 
 @dataclass(frozen=True)

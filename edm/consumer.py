@@ -29,10 +29,11 @@ import pika.frame
 import pika.spec
 from pika.adapters.select_connection import IOLoop
 
-from edm.broker import describe, mask_url, parameters
+from edm.broker import describe, parameters
 from edm.config import AmqpConfig
 from edm.fastlane import FastLaneConnection, Lane, decode_properties
 from edm.ioloop import FlushingIOLoop
+from edm.redact import mask_url
 
 log = logging.getLogger(__name__)
 

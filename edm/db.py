@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from edm.broker import mask_text
 from edm.config import DatabaseConfig
 from edm.errors import DatabaseError, DatabaseUnavailable
+from edm.redact import mask_text, mask_url
 
 Dialect = Literal["mysql", "sqlite"]
 
@@ -73,16 +73,16 @@ def parse_url(url: str) -> DatabaseUrl:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise DatabaseError(f"invalid database URL {mask_text(url)}") from None
+        raise DatabaseError(f"invalid database URL {mask_url(url)}") from None
     if parts.scheme == "sqlite":
         path = unquote(parts.path)
         if parts.netloc or not path or path == "/":
-            raise DatabaseError(f"{mask_text(url)} must look like sqlite:///path/to/file.db")
+            raise DatabaseError(f"{mask_url(url)} must look like sqlite:///path/to/file.db")
         return DatabaseUrl("sqlite", path=Path(path))
     if parts.scheme == "mysql":
         database = unquote(parts.path.strip("/"))
         if not parts.hostname or not database:
-            raise DatabaseError(f"{mask_text(url)} must look like mysql://user:pass@host:3306/db")
+            raise DatabaseError(f"{mask_url(url)} must look like mysql://user:pass@host:3306/db")
         return DatabaseUrl(
             "mysql",
             host=parts.hostname,
@@ -91,7 +91,7 @@ def parse_url(url: str) -> DatabaseUrl:
             password=unquote(parts.password or ""),
             database=database,
         )
-    raise DatabaseError(f"{mask_text(url)} must start with mysql:// or sqlite:///")
+    raise DatabaseError(f"{mask_url(url)} must start with mysql:// or sqlite:///")
 
 
 class Transactions:
@@ -249,7 +249,7 @@ class Database(Transactions):
         """Build the pool; no connection is made until one is needed."""
         if cfg.url is None:
             raise DatabaseError("database.url: not set")
-        return cls(parse_url(cfg.url), cfg.pool_size, mask_text(cfg.url))
+        return cls(parse_url(cfg.url), cfg.pool_size, mask_url(cfg.url))
 
     def session(self) -> Session:
         """A Session: one pooled connection kept for a series of transactions until closed."""

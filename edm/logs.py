@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from edm.broker import mask_text
+from edm.redact import mask_record
 
 Clock = Callable[[], float]
 
@@ -262,10 +262,7 @@ class DailyLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            text = record.getMessage()
-            if record.exc_info:
-                text += "\n" + logging.Formatter().formatException(record.exc_info)
-            text = mask_text(text, self.secrets)
+            text = mask_record(record, self.secrets)
             if "\n" in text or "\r" in text:
                 text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
             self.daily.write(record.levelname, text)

@@ -23,9 +23,10 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
-from edm.broker import describe, mask_url, parameters
+from edm.broker import describe, parameters
 from edm.config import Config
 from edm.errors import EdmError
+from edm.redact import mask_text, mask_url
 
 WINDOW = 5000
 PROGRESS_INTERVAL = 0.5
@@ -176,7 +177,7 @@ class _Publisher:
         try:
             params = parameters(url)
         except (ValueError, pika.exceptions.AMQPError) as exc:
-            self.connect_errors.append(f"{mask_url(url)}: {mask_url(str(exc))}")
+            self.connect_errors.append(f"{mask_url(url)}: {mask_text(str(exc))}")
             self._connect(index + 1)
             return
         params.client_properties = {"connection_name": "edm publish", "product": "edm"}

@@ -12,7 +12,8 @@ from edm.daemon import READY, drop_privileges, make_dirs, resolve_identity
 from edm.errors import AlreadyRunning, EdmError
 from edm.logs import setup_logging
 from edm.pidfile import Pidfile
-from edm.service import open_daily, secrets_of
+from edm.redact import secrets_of
+from edm.service import open_daily
 from edm.supervisor import Supervisor
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ from edm.config import Config, load_handler
 from edm.consumer import Consumer, Handler
 from edm.errors import EdmError
 from edm.logs import DailyLog, setup_logging
+from edm.redact import secrets_of
 from edm.worker import EXIT_BOOT, EXIT_OK, send_event
 
 log = logging.getLogger(__name__)
@@ -35,21 +36,6 @@ def open_daily(config: Config) -> DailyLog:
     daily = DailyLog(lc.dir, lc.name, keep_days=lc.keep_days, fsync=lc.fsync)
     daily.open()
     return daily
-
-
-def secrets_of(config: Config) -> tuple[str, ...]:
-    """Passwords to mask in any log line, besides the URL syntax masking."""
-    from urllib.parse import unquote, urlsplit
-
-    found: list[str] = []
-    for url in (*config.amqp.url, config.database.url or ""):
-        try:
-            password = urlsplit(url).password
-        except ValueError:
-            continue
-        if password:
-            found.extend({password, unquote(password)})
-    return tuple(p for p in found if len(p) >= 3)
 
 
 class SignalPipe:
