@@ -237,6 +237,8 @@ class _Publisher:
         reason = str(getattr(frame.method, "reason", "") or "") or "no reason given"
         self.blocked_reason = reason
         self._notice(f"the broker blocks publishing: {reason}; waiting up to {self.blocked_timeout:g} s")
+        if self.closing:
+            self.ioloop.stop()  # the close just sent would never be answered
 
     def _on_unblocked(self, _connection: object, _frame: object) -> None:
         if self.blocked_reason is not None:
@@ -391,9 +393,12 @@ class _Publisher:
         self.cancelled = True
         self.space.set()
         connection = self.connection
-        if connection is not None and connection.is_open:
+        if connection is not None and connection.is_open and self.blocked_reason is None:
             connection.close()  # _on_connection_closed stops the loop
         else:
+            # A blocked broker reads nothing, a close included: with every answer in (an empty
+            # body is whole at its header frame, so the broker confirms it and then blocks),
+            # the run ends here and the connection is dropped without the handshake.
             self.ioloop.stop()
 
     def _tick(self) -> None:

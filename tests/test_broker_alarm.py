@@ -123,6 +123,7 @@ class Process:
             cwd=str(env.base),
         )
         self.lines: list[tuple[float, str]] = []
+        self.took = 0.0  # seconds from start to exit, once waited for
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -137,6 +138,7 @@ class Process:
 
     def wait(self, timeout: float) -> int:
         code = self.popen.wait(timeout=timeout)
+        self.took = time.monotonic() - self.started
         self.reader.join(timeout=5)
         return code
 
@@ -174,6 +176,21 @@ def test_publish_says_at_once_that_the_broker_blocks_it_and_gives_up_after_its_t
     )
     ended_at = process.lines[-1][0]
     assert 1.9 <= ended_at - first_at < 10.0, process.lines
+
+
+def test_publish_ends_at_once_when_the_broker_confirms_everything_before_it_blocks(
+    edm_env: EdmEnv, publish_process: list[Process]
+) -> None:
+    # An empty body is whole at its header frame: the broker takes and confirms it, then
+    # blocks the connection, and would never answer a close.
+    edm_env.publish([])
+    with memory_alarm():
+        process = Process(edm_env, "publish", "--timeout", "20", "")
+        publish_process.append(process)
+        code = process.wait(timeout=30)
+    assert code == 0, process.stderr
+    assert process.took < 10.0, process.lines  # well before the 20 s timeout
+    assert [body for body, _ in edm_env.drain_queue()] == [b""]
 
 
 def test_publish_goes_on_when_the_broker_lifts_the_block(
