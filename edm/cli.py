@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -297,7 +298,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
     bodies = read_bodies(args.body, args.file)
     progress = sys.stderr if sys.stderr.isatty() else None
     return run_publish(
-        config, bodies, routing_key=args.routing_key, exchange=args.exchange, progress=progress
+        config,
+        bodies,
+        routing_key=args.routing_key,
+        exchange=args.exchange,
+        progress=progress,
+        blocked_timeout=args.timeout,
     )
 
 
@@ -331,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("-k", "--routing-key", help="routing key (default: amqp.routing_key)")
     publish.add_argument("--exchange", help="exchange (default: amqp.exchange)")
     publish.add_argument("--file", metavar="PATH", help="one message per line of PATH ('-' for stdin)")
+    publish.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait while the broker blocks publishing (default 30)",
+    )
     publish.add_argument("body", nargs="*", metavar="BODY", help="message bodies")
     tail = sub.add_parser("tail", help="print today's log; -f follows it across midnight")
     tail.add_argument("-n", "--lines", type=_non_negative, default=10, metavar="N")
@@ -358,6 +371,16 @@ def _non_negative(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of seconds more than 0")
     return value
 
 

@@ -112,6 +112,7 @@ class Consumer:
         self._emit = emit
         self._connection: FastLaneConnection | None = None
         self._connection_url = ""
+        self._blocked: tuple[str, float] | None = None  # while the broker blocks us: (state before, since)
         self._channel: pika.channel.Channel | None = None
         self._consumer_tag: str | None = None
         self._generation = 0
@@ -221,19 +222,47 @@ class Consumer:
         url = urls[self._url_index % len(urls)]
         self._set_state("connecting")
         log.debug("Connecting to %s.", mask_url(url))
-        self._connection = FastLaneConnection(
-            parameters(url, self.amqp.heartbeat),
+        params = parameters(url, self.amqp.heartbeat)
+        # A broker alarm blocks the connection only while it has a dead letter to take; the
+        # connection waits it out instead of being torn down (a reconnect would redeliver the
+        # message, fail it again and meet the same alarm). Heartbeats go on meanwhile.
+        params.blocked_connection_timeout = None
+        connection = FastLaneConnection(
+            params,
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_closed,
             custom_ioloop=self.ioloop,
         )
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
+        self._connection = connection
         self._connection_url = url
+        self._blocked = None
 
     def _on_open(self, connection: FastLaneConnection) -> None:
         self.connected_url = self._connection_url
         log.info("Connected to %s.", mask_url(self._connection_url))
         connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_blocked(self, connection: FastLaneConnection, frame: pika.frame.Method) -> None:
+        """The broker stopped reading this connection (a memory or disk alarm): say so once."""
+        if connection is not self._connection or self._blocked is not None:
+            return
+        reason = str(getattr(frame.method, "reason", "") or "") or "no reason given"
+        log.warning("The broker blocks publishing: %s.", reason)
+        self._blocked = (self._state, time.monotonic())
+        self._set_state(f"blocked by the broker: {reason}")
+
+    def _on_unblocked(self, connection: FastLaneConnection, _frame: pika.frame.Method) -> None:
+        """The alarm is over: what waited (a dead letter's confirm) goes on by itself."""
+        if connection is not self._connection or self._blocked is None:
+            return
+        before, since = self._blocked
+        self._blocked = None
+        log.info("The broker no longer blocks publishing (blocked for %.1f s).", time.monotonic() - since)
+        if self._state.startswith("blocked by the broker: "):
+            self._set_state(before)
 
     def _on_open_error(self, connection: FastLaneConnection, error: BaseException | str) -> None:
         reason = describe(error) if isinstance(error, BaseException) else mask_url(str(error))

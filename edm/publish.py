@@ -4,6 +4,11 @@ One asynchronous pika connection publishes while a reader thread feeds it bodies
 stdin never stalls the connection's I/O (heartbeats, confirms). Confirms arrive
 asynchronously; at most ``window`` messages are unconfirmed at any time and at most
 ``window`` read bodies wait to be sent, so memory stays bounded however large the input is.
+
+A broker that blocks publishing (a memory or disk alarm: AMQP ``connection.blocked``) stops
+reading the connection, confirms included. The run says so at once, waits up to
+``blocked_timeout`` seconds for ``connection.unblocked``, and past it gives up: pika drops
+the connection without the closing handshake, which a blocked broker would never answer.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from edm.errors import EdmError
 from edm.redact import mask_text, mask_url
 
 WINDOW = 5000
+BLOCKED_TIMEOUT = 30.0  # seconds a run waits for a broker that blocks publishing
 PROGRESS_INTERVAL = 0.5
 # A run shorter than this shows no progress line at all: it would only flicker.
 PROGRESS_DELAY = 1.0
@@ -67,6 +73,7 @@ def run_publish(
     routing_key: str | None = None,
     exchange: str | None = None,
     progress: TextIO | None = None,
+    blocked_timeout: float = BLOCKED_TIMEOUT,
 ) -> int:
     """Publish every body; 0 when the broker confirmed them all, else 1 with the reason on stderr."""
     report = publish_bodies(
@@ -75,6 +82,8 @@ def run_publish(
         config.amqp.routing_key if routing_key is None else routing_key,
         bodies,
         progress=progress,
+        blocked_timeout=blocked_timeout,
+        notices=sys.stderr,
     )
     if report.error:
         print(f"edm publish: {report.error}", file=sys.stderr)
@@ -104,9 +113,14 @@ def publish_bodies(
     *,
     window: int = WINDOW,
     progress: TextIO | None = None,
+    blocked_timeout: float = BLOCKED_TIMEOUT,
+    notices: TextIO | None = None,
 ) -> PublishReport:
-    """Publish persistent, mandatory messages with confirms; never raises for broker trouble."""
-    return _Publisher(urls, exchange, routing_key, bodies, window, progress).run()
+    """Publish persistent, mandatory messages with confirms; never raises for broker trouble.
+
+    ``notices`` gets a line when the broker blocks publishing and when it lifts the block.
+    """
+    return _Publisher(urls, exchange, routing_key, bodies, window, progress, blocked_timeout, notices).run()
 
 
 class _Publisher:
@@ -120,6 +134,8 @@ class _Publisher:
         bodies: Iterable[bytes],
         window: int,
         progress: TextIO | None,
+        blocked_timeout: float = BLOCKED_TIMEOUT,
+        notices: TextIO | None = None,
     ) -> None:
         self.urls = list(urls)
         self.exchange = exchange
@@ -148,6 +164,9 @@ class _Publisher:
         self.read_error: BaseException | None = None
         self.started = 0.0
         self.progress_shown = False
+        self.blocked_timeout = blocked_timeout
+        self.notices = notices
+        self.blocked_reason: str | None = None  # the broker's reason while it blocks us
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> PublishReport:
@@ -181,6 +200,9 @@ class _Publisher:
             self._connect(index + 1)
             return
         params.client_properties = {"connection_name": "edm publish", "product": "edm"}
+        # pika's timer, started by connection.blocked and stopped by connection.unblocked,
+        # tears the connection down without a handshake when it fires.
+        params.blocked_connection_timeout = self.blocked_timeout
 
         def on_open_error(_connection: object, exc: BaseException | str) -> None:
             reason = describe(exc)
@@ -194,14 +216,47 @@ class _Publisher:
             on_close_callback=self._on_connection_closed,
             custom_ioloop=self.ioloop,
         )
+        self.connection.add_on_connection_blocked_callback(self._on_blocked)
+        self.connection.add_on_connection_unblocked_callback(self._on_unblocked)
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_closed(self, _connection: object, reason: BaseException) -> None:
-        if not self.closing and not self.report.error:
+        if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout):
+            report = self.report
+            report.error = (
+                f"the broker still blocks publishing after {self.blocked_timeout:g} s: "
+                f"{self.blocked_reason or 'no reason given'}; "
+                f"{report.confirmed} of {report.published} messages confirmed"
+            )
+        elif not self.closing and not self.report.error:
             self.report.error = f"connection lost: {describe(reason)}"
         self.ioloop.stop()
+
+    def _on_blocked(self, _connection: object, frame: Any) -> None:
+        reason = str(getattr(frame.method, "reason", "") or "") or "no reason given"
+        self.blocked_reason = reason
+        self._notice(f"the broker blocks publishing: {reason}; waiting up to {self.blocked_timeout:g} s")
+        if self.closing:
+            self.ioloop.stop()  # the close just sent would never be answered
+
+    def _on_unblocked(self, _connection: object, _frame: object) -> None:
+        if self.blocked_reason is not None:
+            self.blocked_reason = None
+            self._notice("the broker no longer blocks publishing; going on")
+
+    def _notice(self, text: str) -> None:
+        stream = self.notices
+        if stream is None:
+            return
+        # A progress line on the same terminal ends with \r, not a newline: end it first.
+        head = "\n" if self.progress_shown and stream is self.progress else ""
+        try:
+            stream.write(f"{head}edm publish: {text}\n")
+            stream.flush()
+        except (OSError, ValueError):
+            self.notices = None
 
     def _on_channel_open(self, channel: Any) -> None:
         self.channel = channel
@@ -339,9 +394,12 @@ class _Publisher:
         self.cancelled = True
         self.space.set()
         connection = self.connection
-        if connection is not None and connection.is_open:
+        if connection is not None and connection.is_open and self.blocked_reason is None:
             connection.close()  # _on_connection_closed stops the loop
         else:
+            # A blocked broker reads nothing, a close included: with every answer in (an empty
+            # body is whole at its header frame, so the broker confirms it and then blocks),
+            # the run ends here and the connection is dropped without the handshake.
             self.ioloop.stop()
 
     def _tick(self) -> None:
