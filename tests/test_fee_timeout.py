@@ -9,13 +9,23 @@ tests assert one, with slack for a loaded machine.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from conftest import MYSQL_DB, MYSQL_HOST, MYSQL_PORT, drop_table, unique, wait_for
+from conftest import (
+    MYSQL_DB,
+    MYSQL_HOST,
+    MYSQL_PORT,
+    EdmEnv,
+    drop_table,
+    free_port,
+    unique,
+    wait_for,
+)
 from netutil import Client, TcpProxy
 from test_fee import SQL, rows
 from test_fee_batches import ask_later
@@ -153,6 +163,42 @@ def test_requests_keep_their_bound_while_the_database_stays_stalled(
     finally:
         client.close()
     assert [r[0] for r in rows(root_sql, table)] == list(range(1, ticket + 1))
+
+
+def test_the_daemon_answers_within_its_database_timeout_while_the_database_stalls(
+    make_env: Callable[..., EdmEnv], table: str, root_sql: SQL, zctx: Any, proxy: TcpProxy
+) -> None:
+    """Given `edm start` with database.timeout: 1 in its config and the database's link
+    stalled, a fee request gets TRUE within the timeout (+ slack), status shows the fee
+    receiver spooling, and once the link is back the fee is in the table."""
+    port = free_port()
+    env = make_env(
+        {
+            "database": {"url": proxied(proxy), "pool_size": 4, "timeout": 1},
+            "plugins": {"fee": {"enabled": True, "listen": f"tcp://127.0.0.1:{port}", "table": table}},
+        }
+    )
+
+    def fee_status() -> dict[str, Any]:
+        fee: dict[str, Any] = json.loads(env.cli("status", "--json").stdout)["plugins"].get("fee") or {}
+        return fee
+
+    env.start()
+    client = Client(zctx, f"tcp://127.0.0.1:{port}")
+    try:
+        assert client.ask(b"1,1,1") == b"TRUE"
+        proxy.stall()
+        started = time.monotonic()
+        assert client.ask(b"2,1,2") == b"TRUE"
+        assert time.monotonic() - started < 1 + SLACK
+        assert wait_for(lambda: fee_status().get("state") == "spooling", 10)
+        assert "no answer within 1 s (database.timeout)" in env.log_text()
+        proxy.resume()
+        assert wait_for(lambda: fee_status().get("state") == "running", 30)
+    finally:
+        client.close()
+        env.cli("stop")
+    assert [row[0] for row in rows(root_sql, table)] == [1, 2]
 
 
 @pytest.fixture
