@@ -26,6 +26,7 @@ SYSTEM_CONFIG = Path("/etc/edm/mq.yaml")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # A file without these is more likely a wrong file than a wish for every default.
 REQUIRED_SECTIONS = ("amqp", "log", "daemon")
+MAX_DATABASE_TIMEOUT = 86400  # seconds; PyMySQL refuses a connect timeout past a year
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class DaemonConfig:
 class DatabaseConfig:
     url: str | None = None
     pool_size: int = 8
+    timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,14 @@ def _parse_database(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Datab
     key = "EDM_DATABASE_URL" if environ.get("EDM_DATABASE_URL") else "database.url"
     if url is not None:
         check_database_url(url, key)
-    return DatabaseConfig(url=url, pool_size=_int(raw, "pool_size", "database", 8, 1))
+    try:
+        timeout = _number(raw, "timeout", "database", DatabaseConfig().timeout, 0.0)
+        if timeout <= 0 or timeout > MAX_DATABASE_TIMEOUT:
+            raise ConfigError
+    except ConfigError:
+        limit = MAX_DATABASE_TIMEOUT
+        raise ConfigError(f"database.timeout: must be a number of seconds > 0 and <= {limit}") from None
+    return DatabaseConfig(url=url, pool_size=_int(raw, "pool_size", "database", 8, 1), timeout=timeout)
 
 
 def check_database_url(url: str, key: str = "database.url") -> str:

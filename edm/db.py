@@ -25,15 +25,28 @@ keep a transaction in flight on each of several sessions (the fee receiver does)
 PyMySQL's own two halves of ``Connection.query()`` (``_execute_command`` and
 ``_read_query_result``), reached through DBUtils' wrappers; where they are not there, or the
 server would answer with one result per statement, it is plain ``atomic()``.
+
+``database.timeout`` bounds every wait on the database: connecting, each read and write, and
+a transaction in flight. Where several waits follow one another — the pool's liveness ping,
+its reconnect, the transaction — they share one deadline (``bounded()``), so that a database
+that stops answering (a partition that drops packets, a stalled server) costs a caller that
+long once, not once per wait. A transaction in flight that gets no answer by its deadline is
+given up: its connection is closed, never used again (the pool makes a new one), and the
+Pending raises DatabaseUnavailable. The server may still commit it; the caller must be able
+to take that (the fee table's ticket is its primary key).
 """
 
 from __future__ import annotations
 
+import math
 import queue
+import select
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,8 +59,33 @@ from edm.redact import mask_text, mask_url
 Dialect = Literal["mysql", "sqlite"]
 
 _COM_QUERY = 3  # pymysql.constants.COMMAND.COM_QUERY: a text query
-CONNECT_TIMEOUT = 5  # seconds; a database that does not answer must not stall a reply for long
-IO_TIMEOUT = 30
+_MIN_WAIT = 0.001  # seconds; what a wait gets past its deadline (0 would make a socket non-blocking)
+
+# The deadline (time.monotonic()) of the current bounded() scope; None outside one.
+_DEADLINE: ContextVar[float | None] = ContextVar("edm_db_deadline", default=None)
+
+
+@contextmanager
+def _until(at: float) -> Iterator[float]:
+    """A scope whose waits on the database all end by ``at``, or by an enclosing scope's
+    deadline when that comes first; yields the deadline in force."""
+    outer = _DEADLINE.get()
+    if outer is not None and outer < at:
+        at = outer
+    token = _DEADLINE.set(at)
+    try:
+        yield at
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _wait_limit(timeout: float | None) -> float | None:
+    """A socket timeout of ``timeout`` seconds, cut to what the current scope has left."""
+    at = _DEADLINE.get()
+    if at is None:
+        return timeout
+    left = max(at - time.monotonic(), _MIN_WAIT)
+    return left if timeout is None or left < timeout else timeout
 
 
 @dataclass(frozen=True)
@@ -99,10 +137,17 @@ class Transactions:
 
     dialect: Dialect
 
+    timeout: float  # database.timeout
+
     @property
     def placeholder(self) -> str:
         """The parameter marker of this dialect's driver (paramstyle)."""
         return "%s" if self.dialect == "mysql" else "?"
+
+    def bounded(self) -> AbstractContextManager[float]:
+        """A scope in which every wait on the database, together, ends within database.timeout
+        from now (or by an enclosing scope's deadline, if sooner); yields the deadline."""
+        return _until(time.monotonic() + self.timeout)
 
     @contextmanager
     def connection(self) -> Iterator[Any]:
@@ -143,7 +188,7 @@ class Transactions:
                     cur.execute(sql, params)
             return
         sql, params = _packet(statements)
-        with self._checkout() as (con, clean):
+        with self.bounded(), self._checkout() as (con, clean):
             if self._compound(con):
                 sql = f"BEGIN NOT ATOMIC {sql}; END"
             cursor = con.cursor()
@@ -182,7 +227,10 @@ class Pending:
     """A transaction sent by ``send_atomic()``: ``finish()`` returns once it has committed and
     raises DatabaseError when it did not. ``fileno()`` is the socket that turns readable when
     the outcome has arrived, or -1 when it is known already (``finish()`` does not wait then).
+    ``deadline`` (time.monotonic()) is when ``finish()`` gives the transaction up.
     """
+
+    deadline = math.inf
 
     def __init__(self, error: DatabaseError | None = None) -> None:
         self._error = error
@@ -198,28 +246,41 @@ class Pending:
 class _InFlight(Pending):
     """A transaction a Session sent and has not read the outcome of."""
 
-    def __init__(self, session: Session, driver: Any) -> None:
+    def __init__(self, session: Session, driver: Any, deadline: float) -> None:
         super().__init__()
         self._session = session
         self._driver = driver
         self._fd: int = driver._sock.fileno()
+        self.deadline = deadline
 
     def fileno(self) -> int:
         return self._fd
 
     def finish(self) -> None:
+        """Wait for the outcome until the deadline at most; past it, give the transaction up."""
         session, driver = self._session, self._driver
         if session.in_flight is self:
             session.in_flight = None
-            try:
-                with session._checkout() as (_, clean):
-                    driver._read_query_result()  # a failing statement raises here
-                    while driver._result is not None and driver._result.has_next:
-                        driver.next_result()
-                    clean.append(True)
-            except DatabaseError as exc:
-                self._error = exc
+            if not _readable(self._fd, self.deadline):
+                session._abandon()
+                self._error = DatabaseUnavailable(session._db._describe_silence())
+            else:
+                try:
+                    with _until(self.deadline), session._checkout() as (_, clean):
+                        driver._read_query_result()  # a failing statement raises here
+                        while driver._result is not None and driver._result.has_next:
+                            driver.next_result()
+                        clean.append(True)
+                except DatabaseError as exc:
+                    self._error = exc
         super().finish()  # the outcome, as often as asked
+
+
+def _readable(fd: int, deadline: float) -> bool:
+    """Whether ``fd`` turns readable (an answer, or the connection's end) by ``deadline``."""
+    poller = select.poll()  # not select(): a daemon's descriptors may pass FD_SETSIZE
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(math.ceil((deadline - time.monotonic()) * 1000), 0)))
 
 
 def _packet(statements: Sequence[tuple[str, Sequence[Any]]]) -> tuple[str, list[Any]]:
@@ -232,24 +293,27 @@ class Database(Transactions):
     """A bounded pool of DB-API connections; use ``connection()``, ``transaction()``,
     ``atomic()``, or ``session()`` for a series of them on one connection."""
 
-    def __init__(self, url: DatabaseUrl, pool_size: int, masked_url: str) -> None:
+    def __init__(
+        self, url: DatabaseUrl, pool_size: int, masked_url: str, timeout: float = DatabaseConfig.timeout
+    ) -> None:
         self.dialect = url.dialect
         self.pool_size = pool_size
+        self.timeout = timeout
         self.url = masked_url
         self._secrets = (url.password,) if url.password else ()
         self._backend: _Backend
         if url.dialect == "mysql":
-            self._backend = _MysqlBackend(url, pool_size)
+            self._backend = _MysqlBackend(url, pool_size, timeout)
         else:
             assert url.path is not None
-            self._backend = _SqliteBackend(url.path, pool_size)
+            self._backend = _SqliteBackend(url.path, pool_size, timeout)
 
     @classmethod
     def open(cls, cfg: DatabaseConfig) -> Database:
         """Build the pool; no connection is made until one is needed."""
         if cfg.url is None:
             raise DatabaseError("database.url: not set")
-        return cls(parse_url(cfg.url), cfg.pool_size, mask_url(cfg.url))
+        return cls(parse_url(cfg.url), cfg.pool_size, mask_url(cfg.url), cfg.timeout)
 
     def session(self) -> Session:
         """A Session: one pooled connection kept for a series of transactions until closed."""
@@ -261,7 +325,7 @@ class Database(Transactions):
 
     @contextmanager
     def _checkout(self) -> Iterator[tuple[Any, list[bool]]]:
-        with self._translated():
+        with self.bounded(), self._translated():  # the pool's ping, and its reconnect if that fails
             con = self._backend.acquire()
         clean: list[bool] = []
         try:
@@ -289,6 +353,9 @@ class Database(Transactions):
         text = mask_text(str(exc) or type(exc).__name__, self._secrets)
         return f"database {self.url}: {text}"
 
+    def _describe_silence(self) -> str:
+        return f"database {self.url}: no answer within {self.timeout:g} s (database.timeout)"
+
 
 class Session(Transactions):
     """One pooled connection kept for a series of transactions, so that each skips the
@@ -298,6 +365,7 @@ class Session(Transactions):
 
     def __init__(self, db: Database) -> None:
         self.dialect = db.dialect
+        self.timeout = db.timeout
         self._db = db
         self._con: Any = None
         self.in_flight: Pending | None = None  # sent by send_atomic(), not finished yet
@@ -316,7 +384,7 @@ class Session(Transactions):
             return super().send_atomic(statements)
         sql, params = _packet(statements)
         try:
-            with self._checkout() as (con, clean):
+            with self.bounded() as deadline, self._checkout() as (con, clean):
                 driver = self._db._backend.driver(con)
                 split = driver is not None and self._compound(con)
                 if split:
@@ -329,7 +397,7 @@ class Session(Transactions):
             return Pending(error=exc)
         if not split:
             return super().send_atomic(statements)
-        self.in_flight = _InFlight(self, driver)
+        self.in_flight = _InFlight(self, driver, deadline)
         return self.in_flight
 
     def __enter__(self) -> Session:
@@ -347,10 +415,17 @@ class Session(Transactions):
         if con is not None:
             self._db._backend.release(con, rollback=False)
 
+    def _abandon(self) -> None:
+        """Drop the connection (a transaction on it got no answer in time): closed, so that a
+        late answer is never read and the connection never used again."""
+        con, self._con = self._con, None
+        if con is not None:
+            self._db._backend.discard(con)
+
     @contextmanager
     def _checkout(self) -> Iterator[tuple[Any, list[bool]]]:
         if self._con is None:
-            with self._db._translated():
+            with self.bounded(), self._db._translated():  # the pool's ping, and its reconnect
                 self._con = self._db._backend.acquire()
         con, clean = self._con, list[bool]()
         try:
@@ -386,6 +461,10 @@ class _Backend:
     def release(self, con: Any, rollback: bool) -> None:
         raise NotImplementedError
 
+    def discard(self, con: Any) -> None:
+        """Close the connection for good and give its place in the pool back."""
+        raise NotImplementedError
+
     def begin(self, con: Any) -> None:
         raise NotImplementedError
 
@@ -405,7 +484,7 @@ class _Backend:
 
 
 class _MysqlBackend(_Backend):
-    def __init__(self, url: DatabaseUrl, pool_size: int) -> None:
+    def __init__(self, url: DatabaseUrl, pool_size: int, timeout: float) -> None:
         import pymysql
         from dbutils.pooled_db import PooledDB
         from pymysql.constants import CLIENT
@@ -414,7 +493,7 @@ class _MysqlBackend(_Backend):
         self.unavailable = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
         self.errors = (pymysql.err.Error,)
         self._pool = PooledDB(
-            creator=pymysql,
+            creator=_PyMySQL(pymysql),
             mincached=0,
             maxcached=pool_size,
             maxshared=0,  # a connection is never shared between threads
@@ -431,21 +510,31 @@ class _MysqlBackend(_Backend):
             autocommit=False,
             client_flag=CLIENT.MULTI_STATEMENTS,  # atomic(): a transaction in one packet
             init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
-            connect_timeout=CONNECT_TIMEOUT,
-            read_timeout=IO_TIMEOUT,
-            write_timeout=IO_TIMEOUT,
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            write_timeout=timeout,
         )
         self._compound: bool | None = None  # learnt from the first connection's server
 
     def acquire(self) -> Any:
-        return self._pool.connection(shareable=False)
+        con = self._pool.connection(shareable=False)
+        driver = self.driver(con)
+        if driver is not None and not driver.open:
+            # The pool's ping failed and so did its reconnect, which it keeps quiet about: once
+            # more, for the error to report (within a bounded() scope that has run out, at once).
+            try:
+                driver.connect()
+            except BaseException:
+                self.release(con, rollback=False)
+                raise
+        return con
 
     def driver(self, con: Any) -> Any:
         # DBUtils: PooledDedicatedDBConnection -> SteadyDBConnection -> the PyMySQL one.
         driver = getattr(getattr(con, "_con", None), "_con", None)
         if not isinstance(driver, self._driver_class):
             return None
-        halves = ("_execute_command", "_read_query_result", "next_result", "_sock")
+        halves = ("_execute_command", "_read_query_result", "next_result", "_sock", "_force_close")
         return driver if all(hasattr(driver, name) for name in halves) else None
 
     def release(self, con: Any, rollback: bool) -> None:
@@ -453,6 +542,16 @@ class _MysqlBackend(_Backend):
             if rollback:
                 con.rollback()
             con.close()  # returns it to the pool
+
+    def discard(self, con: Any) -> None:
+        # Closing the driver's socket ends the connection; the pool takes its wrapper back and,
+        # its liveness ping failing at once, connects afresh when it is next handed out.
+        driver = self.driver(con)
+        with suppress(Exception):
+            if driver is not None:
+                driver._force_close()  # no COM_QUIT: a full send buffer would make it wait
+        with suppress(Exception):
+            con.close()
 
     def begin(self, con: Any) -> None:
         con.begin()
@@ -475,12 +574,51 @@ class _MysqlBackend(_Backend):
         self._pool.close()
 
 
+class _PyMySQL:
+    """PyMySQL as DBUtils sees a DB-API module, but making connections whose socket waits
+    also end by the deadline of the current ``bounded()`` scope: a liveness ping that gets no
+    answer and the reconnect that follows it then cost database.timeout together, not each."""
+
+    threadsafety = 1
+
+    def __init__(self, pymysql: Any) -> None:
+        self.dbapi = self
+        self.Error = pymysql.err.Error
+        self.OperationalError = pymysql.err.OperationalError
+        self.InterfaceError = pymysql.err.InterfaceError
+        self.InternalError = pymysql.err.InternalError
+        # PyMySQL reads these three attributes before each wait (connect, read, write). A
+        # version that did not would still bound each wait by database.timeout alone.
+        self.connect = type(
+            "BoundedConnection",
+            (pymysql.connections.Connection,),
+            {"connect_timeout": _Timeout(), "_read_timeout": _Timeout(), "_write_timeout": _Timeout()},
+        )
+
+
+class _Timeout:
+    """A connection's timeout attribute: read inside a ``bounded()`` scope, it is cut to what
+    the scope has left."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._key = f"_edm{name}"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return _wait_limit(obj.__dict__.get(self._key))
+
+    def __set__(self, obj: Any, value: float | None) -> None:
+        obj.__dict__[self._key] = value
+
+
 class _SqliteBackend(_Backend):
     unavailable = (sqlite3.OperationalError,)
     errors = (sqlite3.Error,)
 
-    def __init__(self, path: Path, pool_size: int) -> None:
+    def __init__(self, path: Path, pool_size: int, timeout: float) -> None:
         self._path = path
+        self._timeout = timeout
         self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(pool_size)
         self._closed = False
@@ -499,7 +637,8 @@ class _SqliteBackend(_Backend):
     def _connect(self) -> sqlite3.Connection:
         self._path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         # isolation_level=None: no implicit transactions; transaction() begins explicitly.
-        con = sqlite3.connect(self._path, timeout=IO_TIMEOUT, isolation_level=None, check_same_thread=False)
+        timeout = self._timeout  # how long a statement waits for another writer's lock
+        con = sqlite3.connect(self._path, timeout=timeout, isolation_level=None, check_same_thread=False)
         try:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=FULL")  # a committed fee survives power loss
@@ -520,6 +659,10 @@ class _SqliteBackend(_Backend):
             con.close()
         finally:
             self._slots.release()
+
+    def discard(self, con: sqlite3.Connection) -> None:
+        con.close()
+        self._slots.release()
 
     def begin(self, con: sqlite3.Connection) -> None:
         con.execute("BEGIN IMMEDIATE")

@@ -1,8 +1,10 @@
-"""Test helpers: a TCP proxy the test can cut and restore, and a ZeroMQ REQ client."""
+"""Test helpers: a TCP proxy the test can cut and restore, or stall and resume, and a ZeroMQ
+REQ client."""
 
 from __future__ import annotations
 
 import re
+import select
 import socket
 import subprocess
 import threading
@@ -13,7 +15,9 @@ import zmq
 
 class TcpProxy:
     """Forward 127.0.0.1:<port> to a target; ``cut()`` drops every connection and refuses new
-    ones (accepted, then closed at once) until ``restore()``."""
+    ones (accepted, then closed at once) until ``restore()``. ``stall()`` stops forwarding in
+    both directions, on every connection and on new ones, without closing or resetting
+    anything (a partition that drops packets, a stalled server) until ``resume()``."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -25,6 +29,10 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._threads: list[threading.Thread] = []
+        self._turn = threading.Condition()  # guards the three below
+        self._stalled = False
+        self._pumps = 0  # pumps running
+        self._parked = 0  # pumps waiting for resume()
         self._acceptor = threading.Thread(target=self._accept, name="proxy-accept", daemon=True)
         self._acceptor.start()
 
@@ -50,17 +58,28 @@ class TcpProxy:
                 for src, dst in ((client, upstream), (upstream, client)):
                     t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
                     self._threads.append(t)
+                    with self._turn:
+                        self._pumps += 1
                     t.start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while True:
+                with self._turn:
+                    if self._stalled:
+                        self._parked += 1
+                        self._turn.notify_all()
+                        while self._stalled and not self._closed.is_set():
+                            self._turn.wait(0.05)
+                        self._parked -= 1
+                # Only look for data between checks of the stall: nothing passes once parked.
+                if not select.select([src], [], [], 0.05)[0]:
+                    continue
                 data = src.recv(65536)
                 if not data:
                     break
                 dst.sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select() on a socket closed by cut()
             pass
         finally:
             for s in (src, dst):
@@ -68,6 +87,9 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            with self._turn:
+                self._pumps -= 1
+                self._turn.notify_all()
 
     def cut(self) -> None:
         self._cut.set()
@@ -75,6 +97,36 @@ class TcpProxy:
 
     def restore(self) -> None:
         self._cut.clear()
+
+    def stall(self) -> None:
+        """Stop forwarding; returns once no byte moves any more (a chunk being forwarded when
+        it is called still arrives)."""
+        with self._turn:
+            self._stalled = True
+            if not self._turn.wait_for(lambda: self._parked >= self._pumps, timeout=10):
+                raise RuntimeError("the proxy could not stall every connection")
+
+    def resume(self) -> None:
+        """Forward again what waited and what comes."""
+        with self._turn:
+            self._stalled = False
+            self._turn.notify_all()
+
+    def client_closed(self, upstream_port: int) -> bool:
+        """Whether the client of the connection whose upstream side has local port
+        ``upstream_port`` has closed it (seen without reading what it may have sent)."""
+        with self._lock:
+            clients = [
+                c for c, up in self._pairs if up.fileno() >= 0 and up.getsockname()[1] == upstream_port
+            ]
+        if not clients:
+            raise LookupError(f"no connection with upstream port {upstream_port}")
+        try:
+            return clients[0].recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False  # open, nothing to read
+        except OSError:
+            return True  # reset
 
     def _drop_all(self) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -149,6 +150,7 @@ class Asker:
 
     def __init__(self, context: zmq.Context[Any], endpoint: str, body: bytes) -> None:
         self.reply: bytes | None = None
+        self.seconds = 0.0  # from the send to the reply
         self.done = threading.Event()
         self._client = Client(context, endpoint)
         self._thread = threading.Thread(target=self._run, args=(body,))
@@ -156,7 +158,9 @@ class Asker:
 
     def _run(self, body: bytes) -> None:
         try:
+            started = time.monotonic()
             self.reply = self._client.ask(body)
+            self.seconds = time.monotonic() - started
         finally:
             self._client.close()
             self.done.set()

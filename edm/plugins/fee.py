@@ -12,8 +12,11 @@ is no longer a pause in which nothing else is stored; MariaDB flushes the two co
 together. A batch never holds a ticket that a batch still in flight holds: it waits for that
 one first, so a ticket's fees reach the table in the order they came. While the database is
 down the batches go to the spool instead and are replayed into the table, in order, once it
-answers again (see fee_sink). The connections go back to the pool after IDLE_MS without a
-request.
+answers again (see fee_sink). A batch whose answer has not come within ``database.timeout``
+counts as unreachable too (a partition that drops packets, a stalled server): the poll
+waits no longer than the earliest deadline, the batch goes to the spool and its clients get
+TRUE, and its connection is closed, never to be used again (``edm.db``). The connections go
+back to the pool after IDLE_MS without a request.
 
 Why one thread: each request handed from an I/O thread to a writer thread and its reply
 handed back cost two thread wake-ups and a fight for the GIL. Measured with 16 REQ clients
@@ -52,6 +55,7 @@ against that.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -240,7 +244,7 @@ class FeePlugin:
                     self._sink.replay(free[0])
                 # Wait for outcomes, and for requests while a session is free.
                 poller.register(router, zmq.POLLIN if free else 0)
-                ready = poller.poll(IDLE_MS)
+                ready = poller.poll(_wait_ms(flight))
                 taken = False
                 for fd, _ in ready:
                     if fd is router:
@@ -248,6 +252,9 @@ class FeePlugin:
                     else:
                         poller.unregister(fd)
                         self._answer(flight.pop(fd), free)
+                for fd in _overdue(flight):  # no answer within database.timeout: spooled
+                    poller.unregister(fd)
+                    self._answer(flight.pop(fd), free)
                 if not taken or not free:
                     if not flight and time.monotonic() - idle_since >= IDLE_MS / 1000:
                         for session in sessions:
@@ -343,6 +350,20 @@ class FeePlugin:
 
     def _count(self, name: str, n: int) -> None:
         self._counts[name] += n
+
+
+def _wait_ms(flight: dict[int, _Flight]) -> int:
+    """How long to wait for the next event: IDLE_MS, or less when a batch's deadline is sooner."""
+    if not flight:
+        return IDLE_MS
+    left = min(done.put.deadline for done in flight.values()) - time.monotonic()
+    return IDLE_MS if left * 1000 >= IDLE_MS else max(0, math.ceil(left * 1000))
+
+
+def _overdue(flight: dict[int, _Flight]) -> list[int]:
+    """The batches in flight whose database.timeout has run out (by their socket)."""
+    now = time.monotonic()
+    return [fd for fd, done in flight.items() if done.put.deadline <= now]
 
 
 def _split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:

@@ -12,6 +12,7 @@ one thread.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,12 @@ class Put:
         """What to wait on before ``Sink.finish()``; -1 when it need not wait."""
         return -1 if self.storing is None else self.storing.fileno()
 
+    @property
+    def deadline(self) -> float:
+        """When the database's answer is given up (database.timeout after the batch was
+        sent): ``Sink.finish()`` then spools the batch without waiting any longer."""
+        return math.inf if self.storing is None else self.storing.deadline
+
 
 class Sink:
     def __init__(
@@ -64,13 +71,15 @@ class Sink:
     def prepare(self, sessions: Sequence[Session]) -> None:
         """Connect the sessions and create the table before the first request needs them.
 
-        A database that does not answer now is only noted: the first batch meets it again
-        and goes to the spool then."""
+        A database that does not answer now is only noted (within database.timeout for all of
+        it): the first batch meets it again and goes to the spool then."""
+        if not sessions:
+            return
         try:
-            for session in sessions:
-                with session.connection():
-                    pass
-            if sessions:
+            with sessions[0].bounded():
+                for session in sessions:
+                    with session.connection():
+                        pass
                 self._ready(sessions[0])
         except DatabaseError as exc:
             log.warning("The database does not answer yet (%s); fees are spooled while it does not.", exc)
@@ -93,9 +102,10 @@ class Sink:
         return Put(fees, storing=storing)
 
     def finish(self, put: Put) -> bytes:
-        """Wait for a started put's outcome; the reply its fees all get.
+        """Wait for a started put's outcome, until its deadline at most; the reply its fees all get.
 
-        A batch the table refused goes to the spool, behind whatever is spooled already.
+        A batch the table refused, or whose answer did not come by the deadline, goes to the
+        spool, behind whatever is spooled already.
         """
         if put.storing is None:
             return put.reply

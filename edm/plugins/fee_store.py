@@ -9,6 +9,7 @@ per value.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -99,6 +100,11 @@ class Storing:
 
     def fileno(self) -> int:
         return -1 if self._pending is None else self._pending.fileno()
+
+    @property
+    def deadline(self) -> float:
+        """When ``finish()`` stops waiting for the database's answer (time.monotonic())."""
+        return math.inf if self._pending is None else self._pending.deadline
 
     def finish(self) -> Stored:
         db, table, kept, unique, process = self._db, self._table, self._kept, self._unique, self._process
