@@ -420,8 +420,8 @@ class Consumer:
         channel = self._channel
         if self._depth_asked or self._draining:
             return
-        if self._consumer_tag is None and self._log_failure is None:
-            return
+        if self._consumer_tag is None and self._withheld != self._generation:
+            return  # not consuming, nor held off on a channel whose topology is complete
         if channel is None or not channel.is_open:
             return
         self._depth_asked = True

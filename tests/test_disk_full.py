@@ -256,6 +256,7 @@ def test_a_full_disk_holds_the_messages_in_the_queue_until_it_has_room(
     text = env.cli("status")
     assert text.returncode == 0 and f", pid {env.worker_pid()}, {activity}, " in text.stdout, text.stdout
     assert env.queue_depth() == 360
+    wait_for(lambda: consumer_status(env)["queue_depth"] == 360, timeout=15)  # sampled every 5 s
     assert log_path.read_bytes().endswith(b"\n"), "a partial line was left"
 
     # When a page comes free, the line that says the log works again fits in it, the 12 kB
