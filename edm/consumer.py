@@ -31,6 +31,7 @@ from pika.adapters.select_connection import IOLoop
 
 from edm.broker import describe, parameters
 from edm.config import AmqpConfig
+from edm.errors import LogWriteError
 from edm.fastlane import FastLaneConnection, Lane, decode_properties
 from edm.ioloop import FlushingIOLoop
 from edm.redact import mask_url
@@ -43,6 +44,7 @@ Emit = Callable[[dict[str, Any]], None]
 RETRY_DELAY = 0.2  # seconds before the first retry of a failing handler; doubles each time
 RETRY_DELAY_MAX = 5.0
 DEPTH_INTERVAL = 5.0  # seconds between passive declares that read the queue's depth for status
+PROBE_DELAY = 0.25  # seconds before the first probe of a failing log; doubles up to amqp.retry_max
 
 
 class Message:
@@ -94,12 +96,26 @@ _Delivery = tuple[int, int, Message]
 
 @dataclass(frozen=True)
 class _Outcome:
-    kind: str  # "ok" | "requeue" | "dead"
+    kind: str  # "ok" | "requeue" | "dead" | "held" (the log could not be written)
     error: str = ""
     attempts: int = 0
+    failure: LogWriteError | None = None
 
 
 _OK = _Outcome("ok", attempts=1)
+
+
+@dataclass
+class _LogFailure:
+    """The log cannot be written: deliveries are held off until a probe write succeeds."""
+
+    error: LogWriteError
+    since: float  # time.monotonic() of the first failure
+    delay: float  # before the next probe
+
+    @property
+    def activity(self) -> str:
+        return f"log write failing: {self.error}"
 
 
 class Consumer:
@@ -143,6 +159,10 @@ class Consumer:
         self.since = time.time()
         self.queue_depth: int | None = None  # messages ready in the queue; None while unknown
         self._depth_asked = False
+        self._log_failure: _LogFailure | None = None
+        self._withheld = -1  # the channel generation whose consume waits for the log to work
+        self._handled_at_resume = -1
+        self._last_delay = PROBE_DELAY
 
     # -- public, called from the I/O loop's thread -------------------------------------------
 
@@ -262,7 +282,8 @@ class Consumer:
         self._blocked = None
         log.info("The broker no longer blocks publishing (blocked for %.1f s).", time.monotonic() - since)
         if self._state.startswith("blocked by the broker: "):
-            self._set_state(before)
+            # A log that began failing meanwhile is what holds the consumer back now.
+            self._set_state(self._log_failure.activity if self._log_failure is not None else before)
 
     def _on_open_error(self, connection: FastLaneConnection, error: BaseException | str) -> None:
         reason = describe(error) if isinstance(error, BaseException) else mask_url(str(error))
@@ -386,6 +407,10 @@ class Consumer:
         if self._draining:
             self._close_if_idle()
             return
+        if self._log_failure is not None:
+            self._withheld = self._generation  # _resume consumes once the log can be written
+            self._set_state(self._log_failure.activity)
+            return
         self._consumer_tag = self._channel.basic_consume(self.amqp.queue, self._on_message, auto_ack=False)
         if self._connection is not None:
             lane = Lane(self._channel.channel_number, self._consumer_tag, self._on_fast_delivery)
@@ -424,8 +449,10 @@ class Consumer:
             return
         self.ioloop.call_later(DEPTH_INTERVAL, self._poll_depth)
         channel = self._channel
-        if self._depth_asked or self._draining or self._consumer_tag is None:
+        if self._depth_asked or self._draining:
             return
+        if self._consumer_tag is None and self._withheld != self._generation:
+            return  # not consuming, nor held off on a channel whose topology is complete
         if channel is None or not channel.is_open:
             return
         self._depth_asked = True
@@ -461,7 +488,7 @@ class Consumer:
         deliveries = self._deliveries
         while True:
             with self._io:
-                if not deliveries or self._draining or not self._running:
+                if not deliveries or self._draining or not self._running or self._log_failure:
                     return
                 generation, tag, message = deliveries.popleft()
                 if generation != self._generation:
@@ -505,6 +532,8 @@ class Consumer:
         try:
             self.handler(message)
             return _OK
+        except LogWriteError as exc:  # the disk's fault, not the message's
+            return _Outcome("held", error=str(exc), failure=exc)
         except Exception as exc:  # noqa: BLE001 - any handler failure is retried or dead-lettered
             return self._retry(message, exc)
 
@@ -529,6 +558,8 @@ class Consumer:
             try:
                 self.handler(message)
                 return _Outcome("ok", attempts=attempts)
+            except LogWriteError as failure:
+                return _Outcome("held", error=str(failure), failure=failure)
             except Exception as again:  # noqa: BLE001
                 exc = again
 
@@ -541,9 +572,78 @@ class Consumer:
                 self.handled += 1
             elif outcome.kind == "dead":
                 self._dead_letter(generation, tag, message, outcome)
-            else:
+            else:  # "requeue", and "held": back to the queue, to be handled once the log works
                 channel.basic_nack(tag, requeue=True)
+        if outcome is not _OK and outcome.failure is not None:
+            self._hold_off(outcome.failure)
         self._close_if_idle()
+
+    # -- a log that cannot be written: hold off, probe, resume --------------------------------
+
+    def _hold_off(self, error: LogWriteError) -> None:
+        """Stop taking deliveries and give back the prefetched ones (the one in hand went back
+        already); probe the log with back-off and resume by ourselves once it takes a record."""
+        if self._stopping:
+            return
+        failure = self._log_failure
+        if failure is None:
+            # A relapse before any message got through (a probe line fits, a message does not)
+            # goes on with the back-off where it was instead of probing quickly again.
+            relapse = self.handled == self._handled_at_resume
+            delay = self._probe_delay(self._last_delay) if relapse else PROBE_DELAY
+            failure = self._log_failure = _LogFailure(error, time.monotonic(), delay)
+            self.ioloop.call_later(delay, self._probe)
+        failure.error = error
+        if self._draining:
+            return  # the channel closes anyway; _consume holds off on the next one
+        channel = self._channel
+        if channel is not None and channel.is_open and self._consumer_tag is not None:
+            if self._connection is not None:
+                self._connection.close_lane()
+            # pika rejects (requeues) what still arrives for a cancelled consumer
+            channel.basic_cancel(self._consumer_tag)
+            self._consumer_tag = None
+            self._withheld = self._generation
+        while self._deliveries:
+            generation, tag, _message = self._deliveries.popleft()
+            if generation == self._generation and channel is not None and channel.is_open:
+                channel.basic_nack(tag, requeue=True)
+        self._set_state(failure.activity)
+
+    def _probe(self) -> None:
+        """Try to write the line that says the log works again; resume when it is written."""
+        failure = self._log_failure
+        if failure is None or self._stopping:
+            return
+        seconds = time.monotonic() - failure.since
+        try:
+            failure.error.write(
+                "WARNING",
+                f"Writing the log works again after {seconds:.1f} s of failure ({failure.error}); "
+                "the messages held off meanwhile waited in the queue.",
+            )
+        except LogWriteError as exc:
+            shown = failure.activity
+            failure.error = exc
+            failure.delay = self._probe_delay(failure.delay)
+            self.ioloop.call_later(failure.delay, self._probe)
+            if self._state == shown:
+                self._set_state(failure.activity)  # the reason may have changed
+            return
+        self._resume()
+
+    def _probe_delay(self, previous: float) -> float:
+        return min(previous * 2, max(self.amqp.retry_max, PROBE_DELAY))
+
+    def _resume(self) -> None:
+        assert self._log_failure is not None
+        self._last_delay = self._log_failure.delay
+        self._log_failure = None
+        self._handled_at_resume = self.handled
+        channel = self._channel
+        withheld, self._withheld = self._withheld, -1
+        if withheld == self._generation and channel is not None and channel.is_open and not self._draining:
+            self._consume()
 
     def _dead_letter(self, generation: int, tag: int, message: Message, outcome: _Outcome) -> None:
         assert self._channel is not None

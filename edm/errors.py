@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class EdmError(Exception):
     """Base class of every error edm reports without a traceback."""
@@ -41,3 +43,21 @@ class DatabaseError(EdmError):
 
 class DatabaseUnavailable(DatabaseError):
     """The database cannot be reached (refused, timed out, connection lost)."""
+
+
+class LogWriteError(EdmError, OSError):
+    """A log record could not be written (disk full, I/O error); nothing of it stayed in the file.
+
+    It is the disk's fault, never the message's: the consumer holds its deliveries back instead
+    of counting a handler failure. ``write(level, text)`` writes a record to the same log; the
+    consumer probes with it. An OSError too, so callers that already catch OSError keep working.
+    """
+
+    def __init__(self, path: str, cause: OSError, write: Callable[[str, str], None]) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause), path)
+        self.path = path
+        self.reason = cause.strerror or str(cause)
+        self.write = write
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"

@@ -3,6 +3,11 @@
 A handler is any ``module:function`` called as ``handler(message)``; it returns to have the
 message acked or raises to have it retried and, in the end, dead-lettered. The consumer
 worker binds the message log before the first message arrives.
+
+``LogWriteError`` (the log cannot take the line: disk full, I/O error) is the one exception
+that says nothing about the message: the consumer gives the message back to the queue and
+holds off until the log can be written, without counting a handler failure. A handler that
+writes the log must let it through unchanged.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ def bind(sink: MessageLog | None) -> None:
 
 
 def log_message(message: Message) -> None:
-    """Write the message's line and flush it (fsync too with log.fsync) before it is acked."""
+    """Write the message's line and flush it (fsync too with log.fsync) before it is acked.
+
+    Raises LogWriteError, with nothing of the line left in the file, when the log cannot take it.
+    """
     if _sink is None:
         raise RuntimeError("edm.handlers.log_message: no message log is bound")
     _sink.write(message)

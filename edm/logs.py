@@ -3,6 +3,10 @@
 Every line is one ``os.write`` to a file opened with O_APPEND, so the supervisor and its
 workers can share a day's file without interleaving. The file's date is taken when each
 line is written, so a line written after midnight lands in the next day's file.
+
+A record is written whole or not at all: a write that fails part-way (a full disk takes what
+fits) or whose fsync fails is cut back to the last whole line and raises ``LogWriteError``.
+Where the cut itself fails, the tail is mended before the next record is written.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from edm.errors import LogWriteError
 from edm.redact import mask_record
 
 Clock = Callable[[], float]
@@ -130,6 +135,7 @@ class DailyLog:
         self._date = ""
         self._second = -1
         self._stamp = ""
+        self._torn = False  # the file may end in part of a record
 
     def reconfigure(self, directory: Path, name: str, *, keep_days: int, fsync: bool) -> None:
         """Switch to another directory or name (reload); the next line goes to the new file."""
@@ -166,35 +172,126 @@ class DailyLog:
         self.write_bytes(level, text.encode("utf-8", "surrogateescape"))
 
     def write_bytes(self, level: str, *parts: bytes | bytearray) -> None:
-        """Write one record whose text (the parts, joined) is UTF-8 and holds no newline."""
+        """Write one record whose text (the parts, joined) is UTF-8 and holds no newline.
+
+        Raises LogWriteError (an OSError) when it cannot; the file then holds none of it.
+        """
         now = self.clock()
         second = int(now)
         with self._lock:
-            if second != self._second:
-                t = time.localtime(now)
-                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", t)
-                date = self._stamp[:10]
-                self._second = second
-                if date != self._date or self._fd < 0:
-                    self._switch(date)
-            elif self._fd < 0:
-                self._switch(self._date or dt.date.fromtimestamp(now).isoformat())
-            head = f"{self._stamp},{int(now * 1000) % 1000:03d} {level} ".encode()
-            if sum(map(len, parts)) < 65536:
-                _write_all(self._fd, b"".join((head, *parts, b"\n")))
-            else:  # one writev: no copy of a huge line, still one append
-                _writev_all(self._fd, [head, *parts, b"\n"])
+            try:
+                if second != self._second:
+                    t = time.localtime(now)
+                    self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", t)
+                    date = self._stamp[:10]
+                    self._second = second
+                    if date != self._date or self._fd < 0:
+                        self._switch(date)
+                elif self._fd < 0:
+                    self._switch(self._date or dt.date.fromtimestamp(now).isoformat())
+                head = f"{self._stamp},{int(now * 1000) % 1000:03d} {level} ".encode()
+                if self._torn:
+                    head = self._mend() + head
+                if sum(map(len, parts)) < 65536:
+                    self._append(b"".join((head, *parts, b"\n")))
+                else:  # one writev: no copy of a huge line, still one append
+                    self._append_parts([head, *parts, b"\n"])
+                self._torn = False
+            except OSError as exc:
+                self._second = -1  # take the date afresh next time: the switch may have failed
+                path = self.path_for(dt.date.fromtimestamp(now).isoformat())
+                raise LogWriteError(str(path), exc, self.write) from exc
+
+    def _append(self, data: bytes) -> None:
+        """Append one record: all of it, or (cut back) none of it."""
+        fd = self._fd
+        written = os.write(fd, data)  # when this raises, nothing was written
+        start = -1
+        try:
+            if written < len(data):  # a full disk takes what fits, then refuses the rest
+                start = os.lseek(fd, 0, os.SEEK_CUR) - written
+                view = memoryview(data)
+                while written < len(data):
+                    written += os.write(fd, view[written:])
             if self.fsync:
-                os.fsync(self._fd)
+                os.fsync(fd)
+        except OSError:
+            self._cut(start, written)
+            raise
+
+    def _append_parts(self, parts: list[bytes | bytearray]) -> None:
+        """``_append`` for a huge record, with writev."""
+        fd = self._fd
+        views = [memoryview(p) for p in parts if p]
+        written, start = 0, -1
+        try:
+            while views:
+                n = os.writev(fd, views)
+                if start < 0 and n < sum(map(len, views)):
+                    start = os.lseek(fd, 0, os.SEEK_CUR) - written - n
+                written += n
+                while views and n >= len(views[0]):
+                    n -= len(views[0])
+                    views.pop(0)
+                if views and n:
+                    views[0] = views[0][n:]
+            if self.fsync:
+                os.fsync(fd)
+        except OSError:
+            if written:
+                self._cut(start, written)
+            raise
+
+    def _cut(self, start: int, written: int) -> None:
+        """Take back the ``written`` bytes of a record that failed, if nobody wrote after them.
+
+        ``start`` is where they began (-1: they were one write, ending at the file offset).
+        """
+        fd = self._fd
+        try:
+            end = os.lseek(fd, 0, os.SEEK_CUR)
+            start = end - written if start < 0 else start
+            if end - start == written and os.fstat(fd).st_size == end:
+                os.ftruncate(fd, start)
+                return
+        except OSError:
+            pass
+        self._torn = True  # the file may end in part of a record: mend it before the next one
+
+    def _mend(self) -> bytes:
+        """Cut a partial record off the end of the file (a cut that failed, a crash, an older edm).
+
+        Returns what the next record must start with: nothing, or a newline where the file
+        cannot be cut (an append-only file), so that the next record is a line of its own.
+        """
+        fd = self._fd
+        size = end = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return b""
+        keep = 0
+        while end > 0:
+            begin = max(0, end - _CHUNK)
+            newline = os.pread(fd, end - begin, begin).rfind(b"\n")
+            if newline >= 0:
+                keep = begin + newline + 1
+                break
+            end = begin
+        try:
+            os.ftruncate(fd, keep)
+        except OSError:
+            return b"\n"
+        return b""
 
     def _switch(self, date: str) -> None:
         self._close()
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        # read and write: mending a partial last record needs to read the file's end
         self._fd = os.open(
             self.path_for(date),
-            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+            os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
             0o600,
         )
+        self._torn = True  # check the end of the file before the first record
         changed_day = self._date != date
         self._date = date
         if changed_day and self.keep_days > 0:
@@ -231,27 +328,6 @@ class DailyLog:
         return removed
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    written = os.write(fd, data)
-    if written == len(data):
-        return
-    view = memoryview(data)[written:]
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _writev_all(fd: int, parts: list[bytes | bytearray]) -> None:
-    views = [memoryview(p) for p in parts if p]
-    while views:
-        written = os.writev(fd, views)
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
-
-
 class DailyLogHandler(logging.Handler):
     """A logging handler that writes records to a DailyLog, one line each, passwords masked."""
 
@@ -266,6 +342,8 @@ class DailyLogHandler(logging.Handler):
             if "\n" in text or "\r" in text:
                 text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
             self.daily.write(record.levelname, text)
+        except LogWriteError:
+            pass  # the disk's fault, nothing of the record was left; the consumer shows it in status
         except Exception:  # noqa: BLE001 - logging must never take the daemon down
             self.handleError(record)
 
