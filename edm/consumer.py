@@ -133,6 +133,7 @@ class Consumer:
         self._dead_problem: str | None = None  # the last failure logged, so each is logged once
         self._dead_retry_at = 0.0  # monotonic time before which no declaration is tried again
         self._dead_backoff = DEAD_RETRY_FIRST
+        self._back_logged = False  # "went back to the queue" was logged since the last failure
         # The I/O loop belongs to whoever holds _io: the main thread, or the keeper while
         # a handler is slow. Deliveries wait in _deliveries for the main thread.
         self._io = threading.Lock()
@@ -387,11 +388,7 @@ class Consumer:
         if self._dead_problem is not None:
             log.info("Declared %s.dead: dead letters go there again.", self.amqp.queue)
             self._dead_problem = None
-        waiting, self._dead_waiting = self._dead_waiting, []
-        for held_in, tag, message, outcome in waiting:
-            if held_in == self._generation:
-                self._dead_letter(held_in, tag, message, outcome)
-        self._close_if_idle()
+        self._flush_dead_waiting()
 
     def _on_dead_channel_closed(self, generation: int, reason: BaseException) -> None:
         if not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
@@ -423,10 +420,21 @@ class Consumer:
         # coming round an otherwise empty queue must not turn into a loop of declarations.
         self._dead_retry_at = time.monotonic() + self._dead_backoff
         self._dead_backoff = min(self._dead_backoff * 2, max(self.amqp.retry_max, DEAD_RETRY_FIRST))
+        self._back_logged = False
+        self._flush_dead_waiting()
+
+    def _flush_dead_waiting(self) -> None:
+        """Dead-letter what waits for ``.dead`` if it is declared, else send it back to its queue."""
+        if self._dead_declaring:
+            return  # the declaration's end flushes
         waiting, self._dead_waiting = self._dead_waiting, []
         channel = self._channel
         for held_in, tag, message, outcome in waiting:
-            if held_in == self._generation and channel is not None and channel.is_open:
+            if held_in != self._generation or channel is None or not channel.is_open:
+                continue  # from a closed channel: the broker redelivers it
+            if self._dead_ready:
+                self._dead_letter(held_in, tag, message, outcome)
+            else:
                 self._back_to_queue(held_in, tag, message, outcome)
         self._close_if_idle()
 
@@ -612,7 +620,10 @@ class Consumer:
                 generation, tag, message, outcome, f"{self.amqp.exchange}.dead", self.amqp.routing_key
             )
         elif time.monotonic() < self._dead_retry_at:
-            self._back_to_queue(generation, tag, message, outcome)
+            # Not at once: with nothing else in the queue, a poison message would come round
+            # as fast as the broker can carry it. Unacked, it holds back the next delivery.
+            self._dead_waiting.append((generation, tag, message, outcome))
+            self.ioloop.call_later(RETRY_DELAY, self._flush_dead_waiting)
         else:
             self._dead_waiting.append((generation, tag, message, outcome))
             self._declare_dead()
@@ -664,7 +675,11 @@ class Consumer:
             if generation == self._generation and channel is not None and channel.is_open:
                 if acked and outcome.kind == "back":
                     channel.basic_ack(tag)
-                    log.error(
+                    # once per failed declaration: a poison message may come round many times
+                    level = logging.DEBUG if self._back_logged else logging.ERROR
+                    self._back_logged = True
+                    log.log(
+                        level,
                         "Cannot dead-letter a message after %d attempts (%s): %s.dead is not "
                         "available; the message went back to the end of the queue.",
                         outcome.attempts,
