@@ -92,12 +92,13 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         assert up.returncode == 0, up.stderr
         cluster.urls = up.stdout.split()
         assert cluster.urls == [f"amqp://guest:guest@127.0.0.1:{base + i}/%2F" for i in range(3)]
+        assert len(cluster.beam_pids()) == 3
         yield cluster
     finally:
-        pids = cluster.beam_pids()
+        pids = cluster.beam_pids()  # whatever up got to start, also when it failed
         down = cluster.run("down")
         assert down.returncode == 0, down.stderr
-        assert pids and not [pid for pid in pids if alive(pid)], "a node of the test cluster is left"
+        assert not [pid for pid in pids if alive(pid)], "a node of the test cluster is left"
 
 
 def publish(url: str, exchange: str, routing_key: str, bodies: list[bytes]) -> None:
