@@ -186,6 +186,14 @@ def test_killing_the_queue_leader_node_costs_no_message_and_no_instance(
     for env in (a, b):
         assert env.cli("stop").returncode == 0
 
+    # and the killed node comes back into its cluster
+    start = cluster.run("start", "1")
+    assert start.returncode == 0, start.stderr
+    status = cluster.run("ctl", "2", "-q", "cluster_status", "--formatter", "json")
+    assert sorted(json.loads(status.stdout)["running_nodes"]) == [
+        f"edm{cluster.base}n{i}@localhost" for i in (1, 2, 3)
+    ]
+
 
 # -- a `.dead` queue that cannot be declared, on the system broker -------------------------------
 
