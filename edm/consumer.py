@@ -35,6 +35,7 @@ from edm.errors import LogWriteError
 from edm.fastlane import FastLaneConnection, Lane, decode_properties
 from edm.ioloop import FlushingIOLoop
 from edm.redact import mask_url
+from edm.topology import helper_queue_arguments, inequivalent_helper
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ Emit = Callable[[dict[str, Any]], None]
 
 RETRY_DELAY = 0.2  # seconds before the first retry of a failing handler; doubles each time
 RETRY_DELAY_MAX = 5.0
+DEAD_RETRY_FIRST = 1.0  # seconds before a failed .dead declaration is tried again; doubles
 DEPTH_INTERVAL = 5.0  # seconds between passive declares that read the queue's depth for status
 PROBE_DELAY = 0.25  # seconds before the first probe of a failing log; doubles up to amqp.retry_max
 
@@ -96,7 +98,9 @@ _Delivery = tuple[int, int, Message]
 
 @dataclass(frozen=True)
 class _Outcome:
-    kind: str  # "ok" | "requeue" | "dead" | "held" (the log could not be written)
+    # "ok" | "requeue" | "dead" | "held" (the log could not be written) | "back" (to the end
+    # of the queue: .dead unavailable)
+    kind: str
     error: str = ""
     attempts: int = 0
     failure: LogWriteError | None = None
@@ -142,6 +146,14 @@ class Consumer:
         self._interrupt = threading.Event()  # ends a retry's wait early on stop
         self._publish_seq = 0
         self._dead_pending: dict[int, tuple[int, int, _Outcome]] = {}
+        # The dead-letter topology, declared on a channel of its own (see _declare_dead).
+        self._dead_ready = False
+        self._dead_declaring = False
+        self._dead_waiting: list[tuple[int, int, Message, _Outcome]] = []
+        self._dead_problem: str | None = None  # the last failure logged, so each is logged once
+        self._dead_retry_at = 0.0  # monotonic time before which no declaration is tried again
+        self._dead_backoff = DEAD_RETRY_FIRST
+        self._back_logged = False  # "went back to the queue" was logged since the last failure
         # The I/O loop belongs to whoever holds _io: the main thread, or the keeper while
         # a handler is slow. Deliveries wait in _deliveries for the main thread.
         self._io = threading.Lock()
@@ -344,7 +356,7 @@ class Consumer:
         self._close_if_idle()
 
     def _close_if_idle(self) -> None:
-        idle = not self._in_hand and not self._dead_pending
+        idle = not self._in_hand and not self._dead_pending and not self._dead_waiting
         if self._draining and idle and self._connection is not None:
             if self._connection.is_open:
                 self._connection.close()
@@ -357,11 +369,13 @@ class Consumer:
         self._channel = channel
         self._publish_seq = 0
         self._depth_asked = False
+        self._dead_ready = False
         channel.add_on_close_callback(self._on_channel_closed)
         a = self.amqp
         channel.exchange_declare(
             a.exchange, a.exchange_type, durable=a.durable, callback=lambda _f: self._declare_queue()
         )
+        self._declare_dead()
 
     def _declare_queue(self) -> None:
         a = self.amqp
@@ -377,13 +391,28 @@ class Consumer:
     def _bind_queue(self, channel: pika.channel.Channel, declared: pika.frame.Method) -> None:
         self._on_depth(declared)
         a = self.amqp
-        channel.queue_bind(a.queue, a.exchange, a.routing_key, callback=lambda _f: self._declare_dead())
+        channel.queue_bind(a.queue, a.exchange, a.routing_key, callback=lambda _f: self._set_qos())
 
     def _declare_dead(self) -> None:
+        """Declare ``<exchange>.dead`` and ``<queue>.dead`` on a channel of their own.
+
+        A failed declaration closes its channel: a ``.dead`` queue whose node is down (404), or
+        one declared otherwise by an earlier version (406), must cost the dead letters at
+        most, never the consumption of the main queue. So the main channel never declares it;
+        a failure is logged, and the declaration is tried again when a message needs it.
+        """
+        connection = self._connection
+        if self._dead_declaring or connection is None or not connection.is_open:
+            return
+        self._dead_declaring = True
+        generation = self._generation
+        connection.channel(on_open_callback=lambda channel: self._on_dead_channel_open(channel, generation))
+
+    def _on_dead_channel_open(self, channel: pika.channel.Channel, generation: int) -> None:
         a = self.amqp
-        assert self._channel is not None
-        channel = self._channel
         dead_exchange, dead_queue = f"{a.exchange}.dead", f"{a.queue}.dead"
+        arguments = helper_queue_arguments(a.queue_arguments)
+        channel.add_on_close_callback(lambda _c, reason: self._on_dead_channel_closed(generation, reason))
         channel.exchange_declare(
             dead_exchange,
             "direct",
@@ -391,11 +420,76 @@ class Consumer:
             callback=lambda _f: channel.queue_declare(
                 dead_queue,
                 durable=True,
+                arguments=arguments or None,
                 callback=lambda _g: channel.queue_bind(
-                    dead_queue, dead_exchange, a.routing_key, callback=lambda _h: self._set_qos()
+                    dead_queue,
+                    dead_exchange,
+                    a.routing_key,
+                    callback=lambda _h: self._on_dead_declared(channel, generation),
                 ),
             ),
         )
+
+    def _on_dead_declared(self, channel: pika.channel.Channel, generation: int) -> None:
+        self._dead_declaring = False
+        if channel.is_open:
+            channel.close()
+        if generation != self._generation:
+            return
+        self._dead_ready = True
+        self._dead_backoff = DEAD_RETRY_FIRST
+        if self._dead_problem is not None:
+            log.info("Declared %s.dead: dead letters go there again.", self.amqp.queue)
+            self._dead_problem = None
+        self._flush_dead_waiting()
+
+    def _on_dead_channel_closed(self, generation: int, reason: BaseException) -> None:
+        if not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            # closed by us once declared, or with its connection (whose end clears the rest)
+            if not self._dead_ready:
+                self._dead_declaring = False
+            return
+        self._dead_declaring = False
+        if generation != self._generation:
+            return
+        a = self.amqp
+        dead_queue = f"{a.queue}.dead"
+        if reason.reply_code == 406:
+            vhost = self._connection.params.virtual_host if self._connection is not None else "/"
+            problem = inequivalent_helper(
+                dead_queue, vhost, reason.reply_text, helper_queue_arguments(a.queue_arguments)
+            )
+            level = logging.ERROR
+        else:
+            problem = (
+                f"Cannot declare the dead-letter queue {dead_queue}: {describe(reason)}. Consuming goes "
+                f"on; the declaration is tried again when a message needs it."
+            )
+            level = logging.WARNING
+        if problem != self._dead_problem:
+            log.log(level, "%s", problem)
+            self._dead_problem = problem
+        # The next message to dead-letter tries again, but not at once: a poison message
+        # coming round an otherwise empty queue must not turn into a loop of declarations.
+        self._dead_retry_at = time.monotonic() + self._dead_backoff
+        self._dead_backoff = min(self._dead_backoff * 2, max(self.amqp.retry_max, DEAD_RETRY_FIRST))
+        self._back_logged = False
+        self._flush_dead_waiting()
+
+    def _flush_dead_waiting(self) -> None:
+        """Dead-letter what waits for ``.dead`` if it is declared, else send it back to its queue."""
+        if self._dead_declaring:
+            return  # the declaration's end flushes
+        waiting, self._dead_waiting = self._dead_waiting, []
+        channel = self._channel
+        for held_in, tag, message, outcome in waiting:
+            if held_in != self._generation or channel is None or not channel.is_open:
+                continue  # from a closed channel: the broker redelivers it
+            if self._dead_ready:
+                self._dead_letter(held_in, tag, message, outcome)
+            else:
+                self._back_to_queue(held_in, tag, message, outcome)
+        self._close_if_idle()
 
     def _set_qos(self) -> None:
         assert self._channel is not None
@@ -646,6 +740,34 @@ class Consumer:
             self._consume()
 
     def _dead_letter(self, generation: int, tag: int, message: Message, outcome: _Outcome) -> None:
+        """Publish to ``<exchange>.dead`` once its topology is declared; ack on the confirm.
+
+        While ``<queue>.dead`` cannot be declared, the message goes to the end of its own
+        queue instead (confirmed before the original is acked, like a dead letter): holding it,
+        or a nack, which puts it back at the head, would stop the messages behind it at
+        prefetch 1. It is dead-lettered at a later pass, once the declaration works.
+        """
+        if self._dead_ready:
+            self._republish(
+                generation, tag, message, outcome, f"{self.amqp.exchange}.dead", self.amqp.routing_key
+            )
+        elif time.monotonic() < self._dead_retry_at:
+            # Not at once: with nothing else in the queue, a poison message would come round
+            # as fast as the broker can carry it. Unacked, it holds back the next delivery.
+            self._dead_waiting.append((generation, tag, message, outcome))
+            self.ioloop.call_later(RETRY_DELAY, self._flush_dead_waiting)
+        else:
+            self._dead_waiting.append((generation, tag, message, outcome))
+            self._declare_dead()
+
+    def _back_to_queue(self, generation: int, tag: int, message: Message, outcome: _Outcome) -> None:
+        back = _Outcome("back", outcome.error, outcome.attempts)
+        self._republish(generation, tag, message, back, "", self.amqp.queue)
+
+    def _republish(
+        self, generation: int, tag: int, message: Message, outcome: _Outcome, exchange: str, routing_key: str
+    ) -> None:
+        """Publish a copy with ``x-edm-error`` and ``x-edm-attempts``; the confirm acks the original."""
         assert self._channel is not None
         a = self.amqp
         old = message.properties
@@ -664,7 +786,7 @@ class Consumer:
             type=old.type,
             app_id=old.app_id,
         )
-        self._channel.basic_publish(f"{a.exchange}.dead", a.routing_key, message.body, properties)
+        self._channel.basic_publish(exchange, routing_key, message.body, properties)
         self._publish_seq += 1
         self._dead_pending[self._publish_seq] = (generation, tag, outcome)
 
@@ -683,7 +805,20 @@ class Consumer:
             generation, tag, outcome = entry
             channel = self._channel
             if generation == self._generation and channel is not None and channel.is_open:
-                if acked:
+                if acked and outcome.kind == "back":
+                    channel.basic_ack(tag)
+                    # once per failed declaration: a poison message may come round many times
+                    level = logging.DEBUG if self._back_logged else logging.ERROR
+                    self._back_logged = True
+                    log.log(
+                        level,
+                        "Cannot dead-letter a message after %d attempts (%s): %s.dead is not "
+                        "available; the message went back to the end of the queue.",
+                        outcome.attempts,
+                        outcome.error,
+                        self.amqp.queue,
+                    )
+                elif acked:
                     channel.basic_ack(tag)
                     self.dead += 1
                     log.error(
@@ -700,6 +835,9 @@ class Consumer:
     def _fail_dead_pending(self) -> None:
         """The channel closed with dead letters unconfirmed: the originals will be redelivered."""
         self._dead_pending = {}
+        self._dead_waiting = []
+        self._dead_declaring = False
+        self._dead_ready = False
 
 
 def _noop() -> None:
