@@ -51,6 +51,7 @@ against that.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -156,7 +157,7 @@ class FeePlugin:
             router = self._router
             if new.listen != old.listen:
                 try:
-                    router = self._bind(new.listen)
+                    router = self._bind(new.listen, holding=self.endpoint)
                 except EdmError as exc:
                     raise EdmError(f"{exc}; keeping {old.listen}") from None
             if not self._halt(config.daemon.stop_timeout):
@@ -227,8 +228,9 @@ class FeePlugin:
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._run()
 
-    def _bind(self, listen: str) -> zmq.Socket[bytes]:
-        """A ROUTER socket bound to ``listen``; EdmError naming the key when it cannot be bound."""
+    def _bind(self, listen: str, holding: str | None = None) -> zmq.Socket[bytes]:
+        """A ROUTER socket bound to ``listen``; EdmError naming the key when it cannot be bound.
+        ``holding``: the endpoint we are bound to already."""
         router: zmq.Socket[bytes] = self._context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, LINGER_MS)
         router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
@@ -239,6 +241,9 @@ class FeePlugin:
             router.close(0)
             # (pyzmq's strerror repeats the endpoint; libzmq's own text does not)
             reason = exc.strerror if exc.errno is None else zmq.strerror(exc.errno)
+            port = _port(listen)
+            if exc.errno == errno.EADDRINUSE and port and holding and port == _port(holding):
+                reason += " (this receiver holds that port itself: a restart applies the change)"
             raise EdmError(f"plugins.fee.listen: cannot bind {listen}: {reason}") from None
         return router
 
@@ -420,6 +425,13 @@ def _excerpt(frames: list[bytes]) -> str:
 
 
 _COUNTS = ("requests", "stored", "spooled", "replayed", "duplicates", "malformed", "busy")
+
+
+def _port(endpoint: str) -> str | None:
+    """The port of a tcp:// endpoint (binding a second address on a port we listen on fails)."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    return endpoint.rpartition(":")[2]
 
 
 def _settings(fee: FeeConfig) -> tuple[str, str, str]:
