@@ -179,6 +179,26 @@ def test_a_reload_with_a_handler_that_cannot_load_keeps_the_running_one(edm_env:
     assert edm_env.cli("stop").returncode == 0
 
 
+def test_a_handler_loaded_by_a_reload_stays_through_the_next_reload(edm_env: EdmEnv) -> None:
+    pid = edm_env.start()
+    edm_env.doc["amqp"]["handler"] = "edm_test_handlers:marked"
+    edm_env.write_config()
+    assert edm_env.cli("reload").returncode == 0
+    edm_env.publish([b"one"])
+    wait_for(_logged(edm_env, "edm", "(+) marked: one"), timeout=15)
+    # When a second reload changes something else only
+    edm_env.doc["log"]["name"] = "second"
+    edm_env.write_config()
+    assert edm_env.cli("reload").returncode == 0
+    wait_for(_logged(edm_env, "second", "Reloaded the config"), timeout=15)
+    # Then the handler of the first reload goes on (not the one edm started with)
+    edm_env.publish([b"two"])
+    wait_for(lambda: "two" in " ".join(edm_env.bodies_logged("second")), timeout=15)
+    assert edm_env.bodies_logged("second") == ["marked: two"]
+    assert edm_env.main_pid() == pid
+    assert edm_env.cli("stop").returncode == 0
+
+
 def _logged(env: EdmEnv, name: str, text: str) -> Callable[[], bool]:
     return lambda: text in env.log_text(name)
 
@@ -311,6 +331,22 @@ def test_a_plugin_reload_that_cannot_bind_keeps_every_fee_setting(
         client.close()
         blocker.close()
     assert _tickets(table) == [1, 2]
+
+
+def test_a_reload_onto_another_address_of_the_same_port_says_a_restart_applies_it(
+    make_config: Callable[..., Config], databases: Any, plugins: Any, table: str
+) -> None:
+    config = make_config(table=table)
+    plugin = plugins(config, databases(config))
+    old = config.plugins.fee.listen
+    everywhere = "tcp://*:" + old.rpartition(":")[2]
+    with pytest.raises(EdmError) as refused:
+        plugin.reload(make_config(table=table, listen=everywhere))
+    assert str(refused.value) == (
+        f"plugins.fee.listen: cannot bind {everywhere}: Address already in use "
+        f"(this receiver holds that port itself: a restart applies the change); keeping {old}"
+    )
+    assert plugin.endpoint == old
 
 
 def test_a_reload_on_the_same_endpoint_keeps_the_clients_connected(
