@@ -119,7 +119,7 @@ def test_a_reload_onto_an_endpoint_in_use_keeps_the_receiver_serving(
         assert _ask(old, b"2,7,2.5") == b"TRUE"
         assert _tickets(fee_table) == [1, 2]
         assert env.worker_pid("plugins") == worker
-        assert set(_states(env).values()) == {"RUNNING"}
+        wait_for(lambda: set(_states(env).values()) == {"RUNNING"}, timeout=10)
         assert _status(env)["plugins"]["fee"]["listen"] == old
         wait_for(lambda: "keeping" in (_status(env)["workers"]["plugins"]["last_error"] or ""), timeout=5)
         assert len(_errors(env.log_text(), "plugins.fee.listen")) == 1
@@ -128,7 +128,7 @@ def test_a_reload_onto_an_endpoint_in_use_keeps_the_receiver_serving(
         os.kill(worker, signal.SIGKILL)
         wait_for(lambda: _running(env, "plugins") not in (None, worker), timeout=15)
         wait_for(lambda: _ask(old, b"3,7,3.5", timeout_ms=2000) == b"TRUE", timeout=15)
-        assert set(_states(env).values()) == {"RUNNING"}
+        wait_for(lambda: set(_states(env).values()) == {"RUNNING"}, timeout=10)
 
         # Once the endpoint is free, the next reload moves the receiver there
         blocker.close()
@@ -214,6 +214,7 @@ def test_a_reload_with_a_new_spool_moves_the_pending_fees(
     new_spool = env.base / "spool-b" / "fee.spool"
     try:
         env.start()
+        worker = wait_for(lambda: env.worker_pid("plugins"))
         assert _ask(endpoint, b"1,1,1") == b"TRUE"
         # Given fees spooled while the database is cut
         proxy.cut()
@@ -234,7 +235,8 @@ def test_a_reload_with_a_new_spool_moves_the_pending_fees(
         wait_for(lambda: _tickets(fee_table) == list(range(1, 53)), timeout=30)
         wait_for(lambda: not new_spool.exists(), timeout=10)
         assert not old_spool.exists()
-        assert set(_states(env).values()) == {"RUNNING"}
+        wait_for(lambda: set(_states(env).values()) == {"RUNNING"}, timeout=10)
+        assert env.worker_pid("plugins") == worker
         assert env.cli("stop").returncode == 0
     finally:
         proxy.close()
