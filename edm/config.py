@@ -403,6 +403,8 @@ def load_handler(spec: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is a config problem
         raise ConfigError(f"amqp.handler: cannot import {module_name!r}: {exc}") from None
+    except SystemExit as exc:  # a module that calls sys.exit() must not end the process importing it
+        raise ConfigError(f"amqp.handler: importing {module_name!r} called sys.exit({exc.code!r})") from None
     func = getattr(module, attr, None)
     if not callable(func):
         raise ConfigError(f"amqp.handler: {module_name!r} has no callable {attr!r}")

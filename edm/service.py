@@ -3,6 +3,11 @@
 Signal handlers here only record the signal; the worker's loop reads the wakeup pipe and
 acts. The supervisor talks to a worker over its channel: ("reload", Config), ("stop", None),
 ("reopen", None).
+
+A worker applies what it can of a reload and answers with a ``reloaded`` event carrying the
+config it now runs: a setting it cannot apply (a handler that cannot be loaded, a fee
+endpoint in use) keeps its running value, named in one ERROR line and in the event's
+``error``, and the supervisor restarts the worker with that config should it die.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import select
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -24,7 +30,7 @@ from edm.consumer import Consumer, Handler
 from edm.errors import EdmError
 from edm.logs import DailyLog, setup_logging
 from edm.redact import secrets_of
-from edm.worker import EXIT_BOOT, EXIT_OK, send_event
+from edm.worker import EXIT_BOOT, EXIT_CRASH, EXIT_OK, send_event
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +86,26 @@ def consumer_main(config: Config, conn: Connection) -> int:
     parent = os.getppid()
 
     def apply(new: Config) -> None:
-        nonlocal config
-        try:
-            new_handler = (
-                load_handler(new.amqp.handler) if new.amqp.handler != config.amqp.handler else handler
-            )
-        except EdmError as exc:
-            log.error("Reload refused by the consumer: %s", exc)
-            return
+        nonlocal config, handler
         lc = new.log
         daily.reconfigure(lc.dir, lc.name, keep_days=lc.keep_days, fsync=lc.fsync)
         sink.max_line = lc.max_line
         setup_logging(daily, lc.level, secrets_of(new))
+        error = None
+        if new.amqp.handler != config.amqp.handler:
+            try:
+                handler = load_handler(new.amqp.handler)
+            except EdmError as exc:
+                # The new amqp settings may be meant for the new handler: keep them all.
+                others = replace(new.amqp, handler=config.amqp.handler) != config.amqp
+                error = f"{exc}; keeping {config.amqp.handler}" + (
+                    " and the running amqp settings" if others else ""
+                )
+                log.error("%s", error)
+                new = replace(new, amqp=config.amqp)
         config = new
-        consumer.reload(new.amqp, new_handler)
+        consumer.reload(new.amqp, handler)
+        send_event(conn, "reloaded", config=new, error=error)
 
     def on_signal(_fd: int, _events: int) -> None:
         for signum in signals.drain():
@@ -155,6 +167,7 @@ def plugins_main(config: Config, conn: Connection) -> int:
     send_event(conn, "ready", pid=os.getpid())
     parent = os.getppid()
     running = True
+    code = EXIT_OK
     next_state = 0.0
 
     def status() -> dict[str, Any]:
@@ -163,12 +176,20 @@ def plugins_main(config: Config, conn: Connection) -> int:
     def on_command(command: str, payload: Any) -> None:
         nonlocal running, config
         if command == "reload":
-            config = payload
+            running_plugins, config = config.plugins, payload
             lc = config.log
             daily.reconfigure(lc.dir, lc.name, keep_days=lc.keep_days, fsync=lc.fsync)
             setup_logging(daily, lc.level, secrets_of(config))
+            errors = []
             for plugin in started:
-                plugin.reload(config)
+                try:
+                    plugin.reload(payload)
+                except EdmError as exc:  # the plugin serves on with its running settings
+                    log.error("%s", exc)
+                    errors.append(str(exc))
+                    kept = {plugin.name: getattr(running_plugins, plugin.name)}
+                    config = replace(config, plugins=replace(config.plugins, **kept))
+            send_event(conn, "reloaded", config=config, error="; ".join(errors) or None)
         elif command == "stop":
             running = False
         elif command == "reopen":
@@ -198,11 +219,18 @@ def plugins_main(config: Config, conn: Connection) -> int:
                     on_command(*conn.recv())
             except (EOFError, OSError):
                 running = False
+        for plugin in started:
+            reason = plugin.failure()
+            if reason is not None and code == EXIT_OK:
+                log.error(
+                    "The %s plugin no longer serves (%s); exiting to be restarted.", plugin.name, reason
+                )
+                running, code = False, EXIT_CRASH
     _stop_all(started, config.daemon.stop_timeout)
     if database is not None:
         database.close()
     log.info("The plugins stopped.")
-    return EXIT_OK
+    return code
 
 
 def _stop_all(started: list[plugins.Plugin], timeout: float) -> None:

@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from edm import __version__, plugins
-from edm.config import Config, load, load_handler
+from edm.config import Config, load
 from edm.errors import ConfigError
 from edm.logs import DailyLog
 from edm.pidfile import Pidfile
@@ -51,6 +51,9 @@ class Worker:
     restarts: int = 0
     last_error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # The config the worker runs when a reload setting could not be applied (it kept the
+    # running value); it is restarted with this one. None: the supervisor's.
+    config: Config | None = None
 
 
 def describe_exit(status: int) -> str:
@@ -105,7 +108,7 @@ class Supervisor:
 
     def _spawn(self, worker: Worker) -> None:
         target = WORKERS[worker.name]
-        pid, conn = spawn(target, self.config, self._close_in_child)
+        pid, conn = spawn(target, worker.config or self.config, self._close_in_child)
         worker.pid, worker.conn = pid, conn
         worker.state, worker.started_at, worker.ready = "STARTING", time.monotonic(), False
         worker.info = {}
@@ -169,6 +172,11 @@ class Supervisor:
                 elif kind == "fatal":
                     worker.last_error = str(event.get("error"))
                     log.error("The %s worker cannot start: %s", worker.name, worker.last_error)
+                elif kind == "reloaded":
+                    # A setting the worker could not apply keeps its running value.
+                    worker.last_error = event.get("error")
+                    worker.config = event.get("config") if worker.last_error else None
+                    self._next_state = 0.0
                 elif kind == "state":
                     if event.get("state") != worker.info.get("state"):
                         self._next_state = 0.0  # a change of activity shows in status at once
@@ -232,9 +240,11 @@ class Supervisor:
     # -- reload --------------------------------------------------------------------------------
 
     def reload(self) -> None:
+        """Read the config again; an invalid one is refused whole. A valid one goes to every
+        worker, which applies what it can and answers with the config it runs. The handler
+        is loaded by the consumer, not here: an import may do anything, even exit."""
         try:
             new = load(self.config.path)
-            load_handler(new.amqp.handler)
         except ConfigError as exc:
             log.error("Reload refused, keeping the running config: %s", exc)
             return
@@ -253,6 +263,7 @@ class Supervisor:
         wanted = self.wanted()
         for name in wanted:
             worker = self.workers.setdefault(name, Worker(name))
+            worker.config = None
             if worker.state in ("FATAL", "STOPPED"):
                 worker.boot_failures = 0
                 worker.last_error = None

@@ -236,9 +236,12 @@ def test_a_huge_malformed_request_is_logged_cut(
     assert message.endswith("…[cut: 50004 bytes in 5 frame(s)]")
 
 
-def test_status_says_failed_when_the_receiver_thread_died(
+def test_a_receiver_thread_that_died_is_the_plugins_failure(
     make_config: Callable[..., Config], databases: Any, start: Any, table: str, caplog: Any, zctx: Any
 ) -> None:
+    """The plugin says why it no longer serves; its worker then exits to be restarted (the
+    daemon's side: test_reload_faults.py, test_a_receiver_thread_that_dies_takes_...)."""
+
     class Broken(FeePlugin):
         def _receive(self) -> Any:
             raise RuntimeError("boom")
@@ -247,10 +250,12 @@ def test_status_says_failed_when_the_receiver_thread_died(
     with caplog.at_level(logging.ERROR, logger="edm.plugins.fee"):
         plugin = start(config, databases(config), Broken)
         assert plugin.status()["state"] == "running"
+        assert plugin.failure() is None
         client = Client(zctx, plugin.endpoint)
         try:
             client.socket.send(b"1,1,1")
             assert wait_for(lambda: plugin.status()["state"] == "failed", 5)
         finally:
             client.close()
+    assert plugin.failure() == "the fee receiver failed: RuntimeError: boom"
     assert any("receiver failed" in r.getMessage() for r in caplog.records)

@@ -4,6 +4,11 @@ A plugin is built from the whole Config and the worker's shared Database (None w
 plugin needs one). The worker calls ``start`` (bind sockets; raise EdmError to fail the
 start), ``reload`` with a new validated Config on SIGHUP, ``status`` for `edm status`, and
 ``stop`` on shutdown (finish what is in flight within ``timeout`` seconds).
+
+A reload whose settings the plugin cannot apply (an endpoint in use) raises EdmError naming
+the key, after the plugin went back to serving with all its previous settings: the worker
+logs it and keeps running. ``failure`` tells the worker that the plugin no longer serves (a
+thread of it died); the worker then exits so that the supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ class Plugin(Protocol):
     def reload(self, config: Config) -> None: ...
 
     def status(self) -> dict[str, Any]: ...
+
+    def failure(self) -> str | None: ...
 
     def stop(self, timeout: float) -> None: ...
 

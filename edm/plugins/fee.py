@@ -54,6 +54,7 @@ against that.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import threading
@@ -108,6 +109,8 @@ class _Flight:
 
 class FeePlugin:
     name = "fee"
+    _context: zmq.Context[zmq.Socket[bytes]]  # while started
+    _router: zmq.Socket[bytes]  # bound to the listen endpoint, while started
 
     def __init__(self, config: Config, database: Database) -> None:
         self._config = config
@@ -119,6 +122,7 @@ class FeePlugin:
         self._spool = Spool(config.plugins.fee.spool)
         self._thread: threading.Thread | None = None
         self._storing = 0  # requests in the batch being stored
+        self._failure: str | None = None  # why the receiver's thread died
 
     @property
     def _fee(self) -> FeeConfig:
@@ -139,28 +143,60 @@ class FeePlugin:
             self._stop(timeout)
 
     def reload(self, config: Config) -> None:
-        """Apply a new config; a changed endpoint, table or spool means a restart of the receiver."""
+        """Apply a new config; a changed endpoint, table or spool restarts the receiver's thread.
+
+        Nothing is given up before its replacement is in hand: a new endpoint is bound while
+        the old one still serves, and the old spool's pending fees are moved into the new one
+        (see ``Spool.take_over``) before the receiver switches to it. A setting that cannot be
+        applied raises EdmError naming its key; the receiver then serves on with every one of
+        its previous settings (the fee settings change together or not at all)."""
         with self._lock:
-            old = self._config
-            if _settings(config.plugins.fee) == _settings(old.plugins.fee):
+            old, new = self._fee, config.plugins.fee
+            if _settings(new) == _settings(old) or self._state == "stopped":
+                if new.spool != old.spool:
+                    self._spool = Spool(new.spool)
                 self._config = config
                 return
-            log.info("The fee receiver's settings changed; restarting it on %s.", config.plugins.fee.listen)
-            running = self._state != "stopped"
-            if running:
-                self._stop(timeout=config.daemon.stop_timeout)
+            log.info("The fee receiver's settings changed; restarting it on %s.", new.listen)
+            router = self._router
+            if new.listen != old.listen:
+                try:
+                    router = self._bind(new.listen, holding=self.endpoint)
+                except EdmError as exc:
+                    raise EdmError(f"{exc}; keeping {old.listen}") from None
+            if not self._halt(config.daemon.stop_timeout):
+                # Its thread still holds the socket and the spool: let the worker be restarted.
+                if router is not self._router:
+                    router.close(0)
+                timeout = config.daemon.stop_timeout
+                self._failure = f"the fee receiver did not stop within {timeout:g} s for a reload"
+                raise EdmError(f"plugins.fee: {self._failure}; restarting it with the running settings")
+            spool = self._spool
+            if new.spool != old.spool:
+                spool = Spool(new.spool)
+                try:
+                    moved = spool.take_over(self._spool)
+                except OSError as exc:
+                    if router is not self._router:
+                        router.close(0)
+                    self._run()
+                    raise EdmError(
+                        f"plugins.fee.spool: cannot move the pending fees of {old.spool} to {new.spool}: "
+                        f"{exc.strerror or exc}; keeping {old.spool}"
+                    ) from None
+                if moved:
+                    log.info("Moved %d pending fee(s) from the spool %s to %s.", moved, old.spool, new.spool)
+            if router is not self._router:
+                self._router.close(LINGER_MS)
+                self._router = router
+                self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             self._config = config
-            self._spool = Spool(config.plugins.fee.spool)
-            if not running:
-                return
-            try:
-                self._start()
-            except EdmError:
-                log.error("Keeping the previous fee settings (%s).", old.plugins.fee.listen)
-                self._config = old
-                self._spool = Spool(old.plugins.fee.spool)
-                self._start()
-                raise
+            self._spool = spool
+            self._run()
+
+    def failure(self) -> str | None:
+        """Why the receiver no longer serves (its thread died), or None."""
+        return self._failure
 
     def status(self) -> dict[str, Any]:
         state = self._state
@@ -188,17 +224,35 @@ class FeePlugin:
 
     def _start(self) -> None:
         self._context = zmq.Context()
-        self._router = self._context.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.LINGER, LINGER_MS)
-        self._router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
-        self._router.setsockopt(zmq.RCVHWM, RCVHWM)
         try:
-            self._router.bind(self._fee.listen)
-        except zmq.ZMQError as exc:
-            self._router.close(0)
+            self._router = self._bind(self._fee.listen)
+        except EdmError:
             self._context.term()
-            raise EdmError(f"plugins.fee.listen: cannot bind {self._fee.listen}: {exc.strerror}") from None
+            raise
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._run()
+
+    def _bind(self, listen: str, holding: str | None = None) -> zmq.Socket[bytes]:
+        """A ROUTER socket bound to ``listen``; EdmError naming the key when it cannot be bound.
+        ``holding``: the endpoint we are bound to already."""
+        router: zmq.Socket[bytes] = self._context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, LINGER_MS)
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        router.setsockopt(zmq.RCVHWM, RCVHWM)
+        try:
+            router.bind(listen)
+        except zmq.ZMQError as exc:
+            router.close(0)
+            # (pyzmq's strerror repeats the endpoint; libzmq's own text does not)
+            reason = exc.strerror if exc.errno is None else zmq.strerror(exc.errno)
+            port = _port(listen)
+            if exc.errno == errno.EADDRINUSE and port and holding and port == _port(holding):
+                reason += " (this receiver holds that port itself: a restart applies the change)"
+            raise EdmError(f"plugins.fee.listen: cannot bind {listen}: {reason}") from None
+        return router
+
+    def _run(self) -> None:
+        """Start the receiver's thread on the bound socket, with the current table and spool."""
         self._accepting = threading.Event()
         self._accepting.set()
         process = None if type(self).process is FeePlugin.process else self.process
@@ -211,17 +265,23 @@ class FeePlugin:
         self._thread.start()
         log.info("The fee receiver listens on %s (table %s).", self.endpoint, self._fee.table)
 
-    def _stop(self, timeout: float) -> None:
-        if self._state == "stopped":
-            return
+    def _halt(self, timeout: float) -> bool:
+        """Stop the receiver's thread once it has answered every request it accepted; whether
+        it finished within ``timeout``. The socket stays bound (requests wait in libzmq)."""
         self._state = "stopping"
         self._accepting.clear()
         assert self._thread is not None
         self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("The fee receiver did not finish within %.1f s; closing it anyway.", timeout)
-        else:
+        return not self._thread.is_alive()
+
+    def _stop(self, timeout: float) -> None:
+        if self._state == "stopped":
+            return
+        if self._halt(timeout):
+            self._router.close(LINGER_MS)
             self._context.term()
+        else:
+            log.warning("The fee receiver did not finish within %.1f s; closing it anyway.", timeout)
         self._spool.close()
         self._thread = None
         self._storing = 0
@@ -278,18 +338,19 @@ class FeePlugin:
                 else:
                     flight[fd] = _Flight(batch, tickets, session, put)
                     poller.register(fd, zmq.POLLIN)
-        except Exception:
+        except Exception as exc:
             log.exception("The fee receiver failed; requests it held got no reply.")
+            self._failure = f"the fee receiver failed: {type(exc).__name__}: {exc}"
             flight.clear()
         finally:
             try:
                 for done in flight.values():
                     self._answer(done, free)  # stopping: every accepted request
-            except Exception:
+            except Exception as exc:
                 log.exception("The fee receiver failed; requests it held got no reply.")
+                self._failure = f"the fee receiver failed: {type(exc).__name__}: {exc}"
             for session in sessions:
                 session.close()
-            router.close(LINGER_MS)
 
     def _answer(self, done: _Flight, free: list[Session]) -> None:
         """Wait for a batch's outcome, answer its requests, free its session."""
@@ -385,6 +446,13 @@ def _excerpt(frames: list[bytes]) -> str:
 
 
 _COUNTS = ("requests", "stored", "spooled", "replayed", "duplicates", "malformed", "busy")
+
+
+def _port(endpoint: str) -> str | None:
+    """The port of a tcp:// endpoint (binding a second address on a port we listen on fails)."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    return endpoint.rpartition(":")[2]
 
 
 def _settings(fee: FeeConfig) -> tuple[str, str, str]:

@@ -21,6 +21,7 @@ from edm.plugins.fee_parse import Fee, MalformedRequest, parse_request
 log = logging.getLogger(__name__)
 
 _READ_CHUNK = 1 << 16
+_MOVE_CHUNK = 1 << 20
 
 
 class Spool:
@@ -58,7 +59,47 @@ class Spool:
 
     def append(self, fees: Sequence[Fee]) -> None:
         """Write the fees' lines and fsync; raises OSError when the spool cannot be written."""
-        data = "".join(f"{fee.line()}\n" for fee in fees).encode()
+        self._write("".join(f"{fee.line()}\n" for fee in fees).encode(), len(fees))
+
+    def take_over(self, old: Spool) -> int:
+        """Move what ``old`` holds unreplayed to the end of this spool, then remove ``old``'s
+        file; the number of fees moved. Used when a reload changes ``plugins.fee.spool``.
+
+        Moving, rather than replaying into the table first, works while the database is down,
+        which is when a spool holds anything. The lines are copied as they are and fsynced
+        before the old file goes: a crash in between leaves them in both files, and a fee
+        replayed twice is harmless. On OSError this spool is cut back to what it held and
+        ``old`` is untouched."""
+        self.recover()  # what the new path may already hold stays first
+        if old.path.exists() and self.path.exists() and os.path.samefile(old.path, self.path):
+            return 0  # the same file under another name: nothing to move
+        if not old.pending:
+            if old.path.exists():
+                old._remove()  # an empty leftover
+            return 0
+        size, records = self._size, self.records
+        moved = 0
+        try:
+            with open(old.path, "rb") as source:
+                source.seek(old._offset)
+                left = old._size - old._offset
+                while left > 0:
+                    chunk = source.read(min(_MOVE_CHUNK, left))
+                    if not chunk:
+                        raise OSError(f"{old.path} is shorter than it was")
+                    self._write(chunk, chunk.count(b"\n"))
+                    moved += chunk.count(b"\n")
+                    left -= len(chunk)
+        except OSError:
+            self.close()
+            if self.path.exists():
+                os.truncate(self.path, size)
+            self._size, self.records = size, records
+            raise
+        old._remove()
+        return moved
+
+    def _write(self, data: bytes, records: int) -> None:
         fd = self._open()
         view = memoryview(data)
         written = 0
@@ -72,7 +113,7 @@ class Spool:
             os.truncate(self.path, self._size)
             raise
         self._size += len(data)
-        self.records += len(fees)
+        self.records += records
 
     def read(self, limit: int) -> tuple[list[Fee], int]:
         """Up to ``limit`` fees after the replayed part, and the offset just past them."""
@@ -102,10 +143,13 @@ class Spool:
         self._offset = offset
         self.records -= count
         if self._offset >= self._size:
-            self.close()
-            self.path.unlink(missing_ok=True)
-            _fsync_dir(self.path.parent)
-            self._offset = self._size = self.records = 0
+            self._remove()
+
+    def _remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+        _fsync_dir(self.path.parent)
+        self._offset = self._size = self.records = 0
 
     def close(self) -> None:
         if self._fd is not None:

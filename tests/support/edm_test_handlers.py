@@ -24,3 +24,9 @@ def fail_poison(message: Message) -> None:
     if message.body.startswith(b"poison"):
         raise ValueError(f"cannot handle {message.body[:20]!r}")
     log_message(message)
+
+
+def marked(message: Message) -> None:
+    """Log the message with ``marked:`` before its body, so that this handler's lines show."""
+    message.body = b"marked: " + message.body
+    log_message(message)
