@@ -148,6 +148,8 @@ def test_yaml_blocks_are_valid_config_fragments(tmp_path: Path) -> None:
                 assert got == (tmp_path / value).resolve(), (keys, got, value)
             elif isinstance(got, tuple) and isinstance(value, str):
                 assert value in got, (keys, got, value)
+            elif isinstance(got, tuple) and isinstance(value, list):
+                assert list(got) == value, (keys, got, value)
             else:
                 assert got == value, (keys, got, value)
 
