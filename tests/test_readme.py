@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def test_yaml_blocks_are_valid_config_fragments(tmp_path: Path) -> None:
         for keys, value in leaves:
             got: Any = config
             for key in keys:
-                got = getattr(got, key)
+                got = got[key] if isinstance(got, Mapping) else getattr(got, key)
             if isinstance(got, Path):
                 assert got == (tmp_path / value).resolve(), (keys, got, value)
             elif isinstance(got, tuple) and isinstance(value, str):
