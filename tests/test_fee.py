@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import zmq
 from conftest import MYSQL_DB, MYSQL_HOST, MYSQL_PORT, free_port
-from netutil import Client, TcpProxy
+from netutil import Client, TcpProxy, tcp_received
 from test_db import ConnectionSampler
 
 from edm.config import Config
@@ -242,8 +242,19 @@ def test_requests_wait_while_a_batch_is_stored_and_none_is_refused(
         assert wait_for(lambda: plugin.status()["queue"] == 1, 5)
         for n, client in enumerate(clients[1:], start=2):
             client.socket.send(f"{n},1,1".encode())
-        time.sleep(0.3)
-        assert plugin.status()["requests"] == 1  # the others wait unread
+
+        def all_read_by_libzmq() -> bool:
+            # Four connections, each brought its greeting and one request of the same size, and
+            # libzmq has read them all off the sockets: the three requests wait in its queues.
+            seen = tcp_received(int(plugin.endpoint.rsplit(":", 1)[1]))
+            return (
+                len(seen) == 4
+                and len({received for received, _ in seen}) == 1
+                and not any(queued for _, queued in seen)
+            )
+
+        assert wait_for(all_read_by_libzmq, 10), tcp_received(int(plugin.endpoint.rsplit(":", 1)[1]))
+        assert plugin.status()["requests"] == 1  # the others wait unread: the receiver is held
         release.set()
         replies = [c.socket.recv() for c in clients]
     finally:
@@ -270,7 +281,7 @@ def test_stop_answers_every_accepted_request(
 
     loader = threading.Thread(target=load)
     loader.start()
-    time.sleep(0.3)
+    assert wait_for(lambda: plugin.status()["stored"] >= 50, 30), plugin.status()  # under load
     plugin.stop(10)
     loader.join(60)
     assert plugin.status()["state"] == "stopped"
