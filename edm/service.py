@@ -176,7 +176,11 @@ def plugins_main(config: Config, conn: Connection) -> int:
     def on_command(command: str, payload: Any) -> None:
         nonlocal running, config
         if command == "reload":
-            running_plugins, config = config.plugins, payload
+            running_plugins, running_database, config = config.plugins, config.database, payload
+            if config.database != running_database:
+                # The pool is opened once, at the worker's start: it keeps its settings.
+                log.warning("database: the changed settings apply at the next restart of edm.")
+                config = replace(config, database=running_database)
             lc = config.log
             daily.reconfigure(lc.dir, lc.name, keep_days=lc.keep_days, fsync=lc.fsync)
             setup_logging(daily, lc.level, secrets_of(config))

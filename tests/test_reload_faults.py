@@ -400,3 +400,28 @@ def test_a_spool_that_cannot_take_over_keeps_the_old_one(
         client.close()
         proxy.close()
     wait_for(lambda: not config.plugins.fee.spool.exists(), timeout=10)
+
+
+def test_a_reload_that_changes_the_database_says_it_applies_at_the_next_restart(
+    make_env: Callable[..., EdmEnv], fee_table: str
+) -> None:
+    """The pool is opened once: a changed `database` section is not applied by a reload, and
+    the daemon says so instead of pretending; the fee receiver serves on with its pool."""
+    port = free_port()
+    env = _fee_env(make_env, fee_table, port)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    pid = env.start()
+    worker = wait_for(lambda: _running(env, "plugins"), timeout=15)
+    assert _ask(endpoint, b"1,7,1.5") == b"TRUE"
+
+    env.doc["database"]["pool_size"] = 2
+    env.doc["log"]["level"] = "DEBUG"
+    env.write_config()
+    assert env.cli("reload").returncode == 0
+    wait_for(lambda: "WARNING database: the changed settings apply at the next restart" in env.log_text())
+
+    assert _ask(endpoint, b"2,7,2.5") == b"TRUE"
+    assert _tickets(fee_table) == [1, 2]
+    assert env.worker_pid("plugins") == worker and env.main_pid() == pid
+    assert set(_states(env).values()) == {"RUNNING"}
+    assert env.cli("stop").returncode == 0
