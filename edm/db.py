@@ -29,8 +29,10 @@ server would answer with one result per statement, it is plain ``atomic()``.
 
 from __future__ import annotations
 
+import logging
 import queue
 import sqlite3
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -39,9 +41,11 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from edm.config import DatabaseConfig
+from edm.config import DatabaseConfig, DatabaseTls
 from edm.errors import DatabaseError, DatabaseUnavailable
 from edm.redact import mask_text, mask_url
+
+log = logging.getLogger(__name__)
 
 Dialect = Literal["mysql", "sqlite"]
 
@@ -232,14 +236,16 @@ class Database(Transactions):
     """A bounded pool of DB-API connections; use ``connection()``, ``transaction()``,
     ``atomic()``, or ``session()`` for a series of them on one connection."""
 
-    def __init__(self, url: DatabaseUrl, pool_size: int, masked_url: str) -> None:
+    def __init__(
+        self, url: DatabaseUrl, pool_size: int, masked_url: str, tls: DatabaseTls | None = None
+    ) -> None:
         self.dialect = url.dialect
         self.pool_size = pool_size
         self.url = masked_url
         self._secrets = (url.password,) if url.password else ()
         self._backend: _Backend
         if url.dialect == "mysql":
-            self._backend = _MysqlBackend(url, pool_size)
+            self._backend = _MysqlBackend(url, pool_size, tls or DatabaseTls())
         else:
             assert url.path is not None
             self._backend = _SqliteBackend(url.path, pool_size)
@@ -249,7 +255,7 @@ class Database(Transactions):
         """Build the pool; no connection is made until one is needed."""
         if cfg.url is None:
             raise DatabaseError("database.url: not set")
-        return cls(parse_url(cfg.url), cfg.pool_size, mask_url(cfg.url))
+        return cls(parse_url(cfg.url), cfg.pool_size, mask_url(cfg.url), cfg.tls)
 
     def session(self) -> Session:
         """A Session: one pooled connection kept for a series of transactions until closed."""
@@ -405,16 +411,28 @@ class _Backend:
 
 
 class _MysqlBackend(_Backend):
-    def __init__(self, url: DatabaseUrl, pool_size: int) -> None:
+    def __init__(self, url: DatabaseUrl, pool_size: int, tls: DatabaseTls) -> None:
         import pymysql
         from dbutils.pooled_db import PooledDB
         from pymysql.constants import CLIENT
 
         self._driver_class = pymysql.connections.Connection
         self.unavailable = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
-        self.errors = (pymysql.err.Error,)
+        self.errors = (pymysql.err.Error, TlsRefused)
+        creator: Any = pymysql
+        secure: dict[str, Any] = {}
+        if tls.enabled:
+            creator = _TlsConnect(pymysql)
+            secure["ssl"] = tls_context(tls)
+            if not tls.verify:
+                log.warning(
+                    "database.tls.verify is false: the certificate of the database server %s:%d "
+                    "is not verified, so anyone on the way can pose as it.",
+                    url.host,
+                    url.port,
+                )
         self._pool = PooledDB(
-            creator=pymysql,
+            creator=creator,
             mincached=0,
             maxcached=pool_size,
             maxshared=0,  # a connection is never shared between threads
@@ -434,6 +452,7 @@ class _MysqlBackend(_Backend):
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=IO_TIMEOUT,
             write_timeout=IO_TIMEOUT,
+            **secure,
         )
         self._compound: bool | None = None  # learnt from the first connection's server
 
@@ -473,6 +492,67 @@ class _MysqlBackend(_Backend):
 
     def close(self) -> None:
         self._pool.close()
+
+
+def tls_context(tls: DatabaseTls) -> ssl.SSLContext:
+    """The client side of ``database.tls``: the server's certificate and host name are checked
+    against ``ca_file`` (else the system's CAs) unless ``verify`` is false."""
+    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.cert_file is not None:
+        context.load_cert_chain(tls.cert_file, keyfile=tls.key_file)
+    return context
+
+
+class TlsRefused(Exception):
+    """The database link could not be made secure: no TLS from the server, or a certificate
+    that failed verification. Not a sign of a database that is down: a retry cannot help."""
+
+
+class _TlsConnect:
+    """``pymysql.connect`` for ``database.tls``: a session the server did not encrypt is closed
+    and refused. PyMySQL before 1.2 quietly goes on in plaintext when the server offers no
+    TLS, so the server is asked (``Ssl_cipher``) whatever the driver's version; a handshake
+    that fails verification becomes TlsRefused instead of a "cannot connect" that would pass
+    for a database that is down."""
+
+    def __init__(self, dbapi: Any) -> None:
+        self.dbapi = dbapi
+        self.threadsafety = dbapi.threadsafety
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            con = self.dbapi.connect(*args, **kwargs)
+        except self.dbapi.err.OperationalError as exc:
+            cause = getattr(exc, "original_exception", None)
+            if isinstance(cause, ssl.SSLError):
+                raise TlsRefused(f"TLS handshake failed: {cause}") from None
+            if exc.args and exc.args[0] == _CR_SSL_CONNECTION_ERROR:
+                raise TlsRefused(f"the server does not offer TLS ({exc.args[-1]})") from None
+            raise
+        try:
+            require_tls(con)
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+
+_CR_SSL_CONNECTION_ERROR = 2026  # pymysql.constants.CR.CR_SSL_CONNECTION_ERROR
+
+
+def require_tls(con: Any) -> None:
+    """Raise TlsRefused unless the server says this session is encrypted."""
+    cursor = con.cursor()
+    try:
+        cursor.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    if not row or not row[1]:
+        raise TlsRefused("the server did not encrypt the session (database.tls asks for TLS)")
 
 
 class _SqliteBackend(_Backend):

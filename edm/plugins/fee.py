@@ -62,8 +62,9 @@ import zmq
 
 from edm.config import Config, FeeConfig
 from edm.db import Database, Session
-from edm.errors import EdmError
+from edm.errors import DatabaseError, DatabaseUnavailable, EdmError
 from edm.logs import escape_body
+from edm.plugins.fee_auth import Gate, load_server_keys
 from edm.plugins.fee_parse import MAX_REQUEST, Fee, MalformedRequest, parse_request
 from edm.plugins.fee_sink import Put, Sink
 from edm.plugins.fee_spool import Spool
@@ -115,6 +116,8 @@ class FeePlugin:
         self._spool = Spool(config.plugins.fee.spool)
         self._thread: threading.Thread | None = None
         self._storing = 0  # requests in the batch being stored
+        self._gate: Gate | None = None  # CURVE: who may talk to the receiver
+        self._tls_checked = False
 
     @property
     def _fee(self) -> FeeConfig:
@@ -140,6 +143,8 @@ class FeePlugin:
             old = self._config
             if _settings(config.plugins.fee) == _settings(old.plugins.fee):
                 self._config = config
+                if self._gate is not None and config.plugins.fee.curve is not None:
+                    self._gate.reload(config.plugins.fee.curve)
                 return
             log.info("The fee receiver's settings changed; restarting it on %s.", config.plugins.fee.listen)
             running = self._state != "stopped"
@@ -183,16 +188,27 @@ class FeePlugin:
     # -- lifecycle -----------------------------------------------------------------------
 
     def _start(self) -> None:
+        self._check_database_tls()
+        curve = self._fee.curve
+        keys = load_server_keys(curve) if curve is not None else None
         self._context = zmq.Context()
         self._router = self._context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, LINGER_MS)
         self._router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
         self._router.setsockopt(zmq.RCVHWM, RCVHWM)
         try:
+            if curve is not None and keys is not None:
+                self._gate = Gate(self._context, curve)  # the ZAP handler, before the first peer
+                self._router.setsockopt(zmq.CURVE_SERVER, 1)
+                self._router.setsockopt(zmq.CURVE_PUBLICKEY, keys[0])
+                self._router.setsockopt(zmq.CURVE_SECRETKEY, keys[1])
             self._router.bind(self._fee.listen)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, EdmError) as exc:
             self._router.close(0)
+            self._close_gate()
             self._context.term()
+            if isinstance(exc, EdmError):
+                raise
             raise EdmError(f"plugins.fee.listen: cannot bind {self._fee.listen}: {exc.strerror}") from None
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._accepting = threading.Event()
@@ -217,12 +233,33 @@ class FeePlugin:
         if self._thread.is_alive():
             log.warning("The fee receiver did not finish within %.1f s; closing it anyway.", timeout)
         else:
+            self._close_gate()
             self._context.term()
         self._spool.close()
         self._thread = None
         self._storing = 0
         self._state = "stopped"
         log.info("The fee receiver on %s stopped.", self.endpoint)
+
+    def _close_gate(self) -> None:
+        if self._gate is not None:
+            self._gate.stop()
+            self._gate = None
+
+    def _check_database_tls(self) -> None:
+        """With ``database.tls``, a link that cannot be made secure fails the start (a wrong CA,
+        a server without TLS): spooling would only hide it. A database that is down does not:
+        fees are spooled until it answers, as without TLS. Checked at the first start."""
+        if self._tls_checked or not self._config.database.tls.enabled:
+            return
+        try:
+            with self._db.connection():
+                pass
+        except DatabaseUnavailable:
+            return
+        except DatabaseError as exc:
+            raise EdmError(f"database.tls: {exc}") from None
+        self._tls_checked = True
 
     # -- the receiver thread -------------------------------------------------------------
 
@@ -366,5 +403,7 @@ def _excerpt(frames: list[bytes]) -> str:
 _COUNTS = ("requests", "stored", "spooled", "replayed", "duplicates", "malformed", "busy")
 
 
-def _settings(fee: FeeConfig) -> tuple[str, str, str]:
-    return fee.listen, fee.table, str(fee.spool)
+def _settings(fee: FeeConfig) -> tuple[str, str, str, str | None]:
+    # clients_dir is not here: a reload reads it again in place
+    secret = str(fee.curve.secret_key_file) if fee.curve is not None else None
+    return fee.listen, fee.table, str(fee.spool), secret
