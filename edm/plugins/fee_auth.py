@@ -8,9 +8,10 @@ handshake, so none of its messages reach the receiver: no reply, nothing stored.
 directory is read at start and again on reload.
 
 pyzmq's handler logs each attempt at DEBUG only; the Gate logs a refused key at WARNING
-once per key (a REQ client reconnects every 100 ms or so, forever: once per attempt would
-flood the log). A client that speaks no CURVE at all is refused by libzmq at the greeting,
-before any handler hears of it; libzmq names no peer then, so it is not logged.
+once per key (up to MAX_WARNED keys) until the next reload: a client program that keeps
+trying would flood the log with a line per attempt. A client that speaks no CURVE at all
+is refused by libzmq at the greeting, before any handler hears of it; libzmq names no peer
+then, so it is not logged.
 """
 
 from __future__ import annotations
