@@ -44,9 +44,22 @@ Limits, so that a flood or a hostile peer cannot exhaust memory or the pool:
 * replies to a client that left or does not read are dropped (the ROUTER is not
   mandatory), so a client can never block the receiver.
 
-libzmq does not bound the number of frames in one multipart message; a peer speaking raw
-ZMTP can grow it without end. Only the network (listen on a trusted interface) guards
-against that.
+* at most MAX_FRAMES (64) frames of one message reach Python; the rest of it is read and
+  dropped frame by frame, and the message is answered ``FALSE too many frames`` and counted
+  as malformed. A valid request has at most MAX_HOPS + 3 frames (the connection's routing
+  id, the hops, the empty delimiter, the body); the headroom lets the envelope checks above
+  say what is wrong with a message that is merely odd.
+* at most MAX_PEERS (1,024) TCP connections at once (``fee_guard.PeerCap``: libzmq has no
+  such option; its socket monitor reports each accepted connection, and one beyond the cap
+  is shut down before it can send a message).
+
+So with single-frame requests the receiver holds at most about MAX_PEERS x RCVHWM x
+MAX_FRAME in libzmq and one message of MAX_FRAMES frames in Python. What stays unbounded is
+the number of frames of one message: libzmq hands a multipart message over only once its
+last frame has come, and holds its frames until then (RCVHWM counts whole messages, and
+MAXMSGSIZE one frame). A peer speaking raw ZMTP can still grow one message without end;
+CURVE (``plugins.fee.curve``) stops that, since a peer without an allowed key never gets
+past the handshake, and so does listening on a trusted interface only.
 """
 
 from __future__ import annotations
@@ -65,6 +78,7 @@ from edm.db import Database, Session
 from edm.errors import DatabaseError, DatabaseUnavailable, EdmError
 from edm.logs import escape_body
 from edm.plugins.fee_auth import Gate, load_server_keys
+from edm.plugins.fee_guard import PeerCap
 from edm.plugins.fee_parse import MAX_REQUEST, Fee, MalformedRequest, parse_request
 from edm.plugins.fee_sink import Put, Sink
 from edm.plugins.fee_spool import Spool
@@ -78,6 +92,8 @@ MAX_FRAME = 16 << 10  # a bigger frame makes libzmq drop the peer instead of buf
 RCVHWM = 64  # messages libzmq buffers per connection before it stops reading from it
 MAX_HOPS = 4  # routing frames (proxies) a request may carry besides the connection's own
 MAX_ROUTING_ID = 255  # bytes; ZMTP allows no longer routing id
+MAX_FRAMES = 64  # frames of one message kept; a valid request has at most MAX_HOPS + 3
+MAX_PEERS = 1024  # TCP connections at once; more are shut down as they come
 LINGER_MS = 500
 IDLE_MS = 100  # without a request for this long the connections go back to the pool
 IN_FLIGHT = 2  # batches being stored at once, each on a pooled connection of its own
@@ -117,6 +133,7 @@ class FeePlugin:
         self._thread: threading.Thread | None = None
         self._storing = 0  # requests in the batch being stored
         self._gate: Gate | None = None  # CURVE: who may talk to the receiver
+        self._peer_cap: PeerCap | None = None
         self._tls_checked = False
 
     @property
@@ -203,6 +220,7 @@ class FeePlugin:
                 self._router.setsockopt(zmq.CURVE_PUBLICKEY, keys[0])
                 self._router.setsockopt(zmq.CURVE_SECRETKEY, keys[1])
             self._router.bind(self._fee.listen)
+            self._peer_cap = self._cap_peers()
         except (zmq.ZMQError, EdmError) as exc:
             self._router.close(0)
             self._close_gate()
@@ -240,6 +258,12 @@ class FeePlugin:
         self._storing = 0
         self._state = "stopped"
         log.info("The fee receiver on %s stopped.", self.endpoint)
+
+    def _cap_peers(self) -> PeerCap | None:
+        endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        if not endpoint.startswith("tcp://"):
+            return None  # ipc: the file's permissions say who connects; inproc: this process
+        return PeerCap(self._router, int(endpoint.rsplit(":", 1)[1]), MAX_PEERS)
 
     def _close_gate(self) -> None:
         if self._gate is not None:
@@ -345,7 +369,8 @@ class FeePlugin:
                     envelope = frames[:1]  # answer the connection itself, not a route it made up
                     raise MalformedRequest("invalid routing envelope")
                 if len(body) != 1:
-                    raise MalformedRequest("empty request" if not body else "multipart request")
+                    many = "too many frames" if len(frames) > MAX_FRAMES else "multipart request"
+                    raise MalformedRequest("empty request" if not body else many)
                 fee = parse_request(body[0])
             except MalformedRequest as exc:
                 self._counts["malformed"] += 1
@@ -363,12 +388,15 @@ class FeePlugin:
         return batch
 
     def _recv_frames(self) -> list[bytes]:
-        """One whole message, without waiting; zmq.Again when there is none."""
+        """One whole message, without waiting; zmq.Again when there is none. Of a message
+        longer than MAX_FRAMES, the first MAX_FRAMES + 1 frames (the one too many tells the
+        caller); the others are read and dropped one by one, never held together."""
         recv = self._router.recv
-        frames = []
+        frames: list[bytes] = []
         while True:
             frame = recv(_NOBLOCK, copy=False)
-            frames.append(frame.bytes)
+            if len(frames) <= MAX_FRAMES:
+                frames.append(frame.bytes)
             if not frame.more:
                 return frames
 
