@@ -109,14 +109,16 @@ def test_only_an_allowed_key_is_served_and_a_refused_one_is_logged_once(
             plain.recv()
         # the stranger comes back again and again: many refusals, one line
         again = [curve_client(zctx, endpoint, keys, keys.stranger_secret, DENIED_WAIT_MS) for _ in range(5)]
+        again += [curve_client(zctx, endpoint, keys, None, DENIED_WAIT_MS) for _ in range(5)]
         for sock in again:
             sock.send(b"8002,1,1")
-        gate = plugin._gate
-        assert gate is not None
-        wait_for(lambda: gate.refused >= 6, timeout=30)
+        gate, cap = plugin._gate, plugin._peer_cap
+        assert gate is not None and cap is not None
+        wait_for(lambda: gate.refused >= 6 and cap.failed_handshakes >= 6, timeout=30)
     stranger_key = zmq.auth.load_certificate(keys.stranger_public)[0].decode()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len([w for w in warnings if stranger_key in w]) == 1, warnings
+    assert len([w for w in warnings if "at 127.0.0.1" in w and "without CURVE" in w]) == 1, warnings
     assert root_sql(f"SELECT ticket FROM `{table}`") == [(8001,)]
     allowed.send(b"8004,1,1")  # the allowed client is still served
     assert allowed.recv() == b"TRUE"

@@ -263,7 +263,7 @@ class FeePlugin:
         endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         if not endpoint.startswith("tcp://"):
             return None  # ipc: the file's permissions say who connects; inproc: this process
-        return PeerCap(self._router, int(endpoint.rsplit(":", 1)[1]), MAX_PEERS)
+        return PeerCap(self._router, int(endpoint.rsplit(":", 1)[1]), MAX_PEERS, self._fee.curve is not None)
 
     def _close_gate(self) -> None:
         if self._gate is not None:

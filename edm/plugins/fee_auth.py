@@ -10,8 +10,8 @@ directory is read at start and again on reload.
 pyzmq's handler logs each attempt at DEBUG only; the Gate logs a refused key at WARNING
 once per key (up to MAX_WARNED keys) until the next reload: a client program that keeps
 trying would flood the log with a line per attempt. A client that speaks no CURVE at all
-is refused by libzmq at the greeting, before any handler hears of it; libzmq names no peer
-then, so it is not logged.
+is refused by libzmq at the greeting, before any handler hears of it; fee_guard logs that
+one, by its address.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The fee receiver's cap on peers: at most MAX_PEERS TCP connections at once.
+"""The fee receiver's cap on peers (at most MAX_PEERS TCP connections at once), and the log
+line for a peer whose handshake libzmq refused.
 
 libzmq has no such option for a ROUTER, but its socket monitor reports each connection it
 accepts and each it loses, with the file descriptor. A thread reads those events; an
@@ -7,6 +8,11 @@ descriptor: libzmq sees the peer hang up and closes and forgets it as after any 
 The connection is checked to be a TCP socket of the bound port first, so that a descriptor
 number libzmq has closed and the process reused meanwhile is never touched. The shed peer
 has sent at most its greeting: nothing of it was buffered.
+
+libzmq reports a failed handshake (with CURVE on: a client without CURVE) without the peer,
+but then the loss of the connection with its descriptor; the peer's address, taken when the
+connection was accepted, is logged once at WARNING (a CURVE key that is not allowed is
+logged by fee_auth, by its key).
 """
 
 from __future__ import annotations
@@ -23,17 +29,27 @@ import zmq.utils.monitor
 
 log = logging.getLogger(__name__)
 
-_EVENTS = int(zmq.EVENT_ACCEPTED) | int(zmq.EVENT_DISCONNECTED) | int(zmq.EVENT_MONITOR_STOPPED)
+_EVENTS = (
+    int(zmq.EVENT_ACCEPTED)
+    | int(zmq.EVENT_DISCONNECTED)
+    | int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    | int(zmq.EVENT_MONITOR_STOPPED)
+)
+MAX_WARNED = 10_000  # addresses remembered as logged
 
 
 class PeerCap:
     """Watches ``router`` (bound to a tcp:// endpoint on ``port``) and sheds connections beyond ``limit``."""
 
-    def __init__(self, router: Any, port: int, limit: int) -> None:
+    def __init__(self, router: Any, port: int, limit: int, curve: bool = False) -> None:
         self._port = port
         self._limit = limit
-        self._live: set[int] = set()
+        self._curve = curve
+        self._live: dict[int, str] = {}  # descriptor -> the peer's address
+        self._failed: int | None = None  # the protocol error of a handshake that just failed
+        self._warned_addresses: set[str] = set()
         self.shed = 0
+        self.failed_handshakes = 0
         self._warned = False
         self._monitor = router.get_monitor_socket(_EVENTS)
         self._thread = threading.Thread(target=self._watch, name="fee-peer-cap", daemon=True)
@@ -50,10 +66,16 @@ class PeerCap:
                 kind, fd = int(event["event"]), int(event["value"])
                 if kind == zmq.EVENT_MONITOR_STOPPED:
                     return
-                if kind == zmq.EVENT_DISCONNECTED:
-                    self._live.discard(fd)
+                if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                    self._failed = fd  # not a descriptor here: the ZMTP error code
+                elif kind == zmq.EVENT_DISCONNECTED:
+                    address = self._live.pop(fd, None)
+                    if self._failed is not None and address is not None:
+                        self.failed_handshakes += 1
+                        self._refused(address, self._failed)
+                    self._failed = None
                 elif len(self._live) < self._limit:
-                    self._live.add(fd)
+                    self._live[fd] = _peer_address(fd, self._port)
                 else:
                     self._shed(fd)
         except zmq.ZMQError as exc:
@@ -61,6 +83,19 @@ class PeerCap:
                 log.error("The fee receiver's peer cap stopped: %s", exc)
         finally:
             self._monitor.close(0)
+
+    def _refused(self, address: str, error: int) -> None:
+        if address in self._warned_addresses or len(self._warned_addresses) >= MAX_WARNED:
+            return
+        self._warned_addresses.add(address)
+        what = "a client without CURVE, or not ZeroMQ at all" if self._curve else "not a ZeroMQ client"
+        log.warning(
+            "Refused a fee client at %s: its handshake failed (%s; ZMTP error 0x%08x); further "
+            "refusals of this address are not logged.",
+            address,
+            what,
+            error,
+        )
 
     def _shed(self, fd: int) -> None:
         try:
@@ -85,3 +120,19 @@ class PeerCap:
                 "leave (logged once).",
                 self._limit,
             )
+
+
+def _peer_address(fd: int, port: int) -> str:
+    """The remote address of the accepted connection ``fd`` ("?" when it is gone already)."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return "?"
+    try:
+        if sock.getsockname()[1] != port:
+            return "?"
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "?"
+    finally:
+        sock.close()
