@@ -51,10 +51,11 @@ Limits, so that a flood or a hostile peer cannot exhaust memory or the pool:
   say what is wrong with a message that is merely odd.
 * at most MAX_PEERS (1,024) TCP connections at once (``fee_guard.PeerCap``: libzmq has no
   such option; its socket monitor reports each accepted connection, and one beyond the cap
-  is shut down before it can send a message).
+  is shut down as soon as the report is read, normally before its handshake is over).
 
 So with single-frame requests the receiver holds at most about MAX_PEERS x RCVHWM x
-MAX_FRAME in libzmq and one message of MAX_FRAMES frames in Python. What stays unbounded is
+MAX_FRAME (1 GiB at worst, 1 MiB a connection) in libzmq and one message of MAX_FRAMES
+frames in Python. What stays unbounded is
 the number of frames of one message: libzmq hands a multipart message over only once its
 last frame has come, and holds its frames until then (RCVHWM counts whole messages, and
 MAXMSGSIZE one frame). A peer speaking raw ZMTP can still grow one message without end;
