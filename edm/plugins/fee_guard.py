@@ -90,7 +90,7 @@ class PeerCap:
         self._warned_addresses.add(address)
         what = "a client without CURVE, or not ZeroMQ at all" if self._curve else "not a ZeroMQ client"
         log.warning(
-            "Refused a fee client at %s: its handshake failed (%s; ZMTP error 0x%08x); further "
+            "Refused a fee client at %s at the handshake (%s; ZMTP error 0x%08x); further "
             "refusals of this address are not logged.",
             address,
             what,
