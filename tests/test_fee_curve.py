@@ -17,6 +17,7 @@ from conftest import EdmEnv, free_port, wait_for
 
 from edm.config import Config, parse
 from edm.db import Database
+from edm.errors import EdmError
 from edm.keys import new_pair
 from edm.plugins.fee import FeePlugin
 
@@ -184,3 +185,25 @@ def test_keys_new_writes_a_private_secret_and_never_overwrites(make_env: Callabl
     os.unlink(public)  # one of the two is enough to refuse
     assert env.cli("keys", "new", str(target)).returncode == 1
     assert not public.exists()
+
+
+def test_curve_settings_are_checked_with_the_config_and_at_start(
+    tmp_path: Path, keys: Keys, databases: Callable[[Config], Database]
+) -> None:
+    def parsed(curve: Any) -> Config:
+        raw = {"database": {"url": "mysql://root@127.0.0.1:3306/test"}, "plugins": {"fee": {"curve": curve}}}
+        return parse(raw, tmp_path / "mq.yaml", environ={})
+
+    with pytest.raises(EdmError, match=r"^plugins\.fee\.curve\.secret_key_file: .*nope: no such file"):
+        parsed({"secret_key_file": "nope", "clients_dir": str(keys.clients_dir)})
+    with pytest.raises(EdmError, match=r"^plugins\.fee\.curve\.clients_dir: .*nowhere: no such directory"):
+        parsed({"secret_key_file": str(keys.server_secret), "clients_dir": "nowhere"})
+    with pytest.raises(EdmError, match=r"^plugins\.fee\.curve\.clients_dir: required"):
+        parsed({"secret_key_file": str(keys.server_secret)})
+    with pytest.raises(EdmError, match=r"^plugins\.fee\.curve\.secret: unknown key"):
+        parsed({"secret": "x", "clients_dir": str(keys.clients_dir)})
+    assert parsed(None).plugins.fee.curve is None
+    # the public half given by mistake: the start says which file to give instead
+    config = parsed({"secret_key_file": str(keys.server_public), "clients_dir": str(keys.clients_dir)})
+    with pytest.raises(EdmError, match=r"^plugins\.fee\.curve\.secret_key_file: .* holds no secret key"):
+        FeePlugin(config, databases(config)).start()
