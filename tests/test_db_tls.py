@@ -125,6 +125,30 @@ def test_the_fee_plugin_stores_over_tls_with_the_right_ca(
         assert cur.fetchall() == ((7001, 3, "Y"),)
 
 
+def test_the_daemon_stores_fees_over_tls(
+    tls_node: Node, certs: Path, make_env: Callable[..., EdmEnv], zctx: Any, tmp_path: Path, opened: Any
+) -> None:
+    port = free_port()
+    env = make_env(
+        {
+            "database": {"url": tls_node.url, "tls": {"ca_file": str(certs / "ca.pem")}},
+            "plugins": {"fee": {"enabled": True, "listen": f"tcp://127.0.0.1:{port}", "table": "fee_daemon"}},
+        }
+    )
+    env.start()
+    client = Client(zctx, f"tcp://127.0.0.1:{port}")
+    try:
+        assert client.ask(b"7101,4,1") == b"TRUE"
+    finally:
+        client.close()
+    assert tls_node.password not in env.log_text()
+    db = opened(_config(tmp_path, tls_node.url, {"ca_file": str(certs / "ca.pem")}))
+    with db.connection() as con:
+        cur = con.cursor()
+        cur.execute("SELECT ticket, status FROM fee_daemon")
+        assert cur.fetchall() == ((7101, "Y"),)
+
+
 def test_a_wrong_ca_fails_the_daemons_start_naming_the_key_and_the_reason(
     tls_node: Node, certs: Path, make_env: Callable[..., EdmEnv]
 ) -> None:
