@@ -174,3 +174,29 @@ def test_a_flood_of_many_frame_messages_stays_under_the_memory_bound_and_a_clien
 def _fee(env: EdmEnv) -> dict[str, Any]:
     worker = env.state().get("workers", {}).get("plugins", {})
     return dict((worker.get("plugins") or {}).get("fee") or {})
+
+
+def test_a_connection_lost_without_a_report_does_not_hold_a_place(
+    make_config: Callable[..., Config],
+    databases: Any,
+    start: Any,
+    table: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The monitor drops events when its queue is full; a place held by a connection whose
+    DISCONNECTED never came is given back when the cap is reached, not kept forever."""
+    monkeypatch.setattr(fee_module, "MAX_PEERS", 2)
+    config = make_config(table=table)
+    plugin = start(config, databases(config))
+    cap = plugin._peer_cap
+    assert cap is not None
+    first = RawZmtp(_port(plugin))
+    try:
+        wait_for(lambda: cap.peers == 1)
+        cap._live[10**6] = ("192.0.2.1", 40000)  # a connection whose loss was never reported
+        second = RawZmtp(_port(plugin))
+        wait_for(lambda: cap.peers == 2 and 10**6 not in cap._live)
+        assert cap.shed == 0
+        second.close()
+    finally:
+        first.close()

@@ -7,7 +7,9 @@ accepted connection beyond the cap is shut down (``shutdown(2)`` on a duplicate 
 descriptor: libzmq sees the peer hang up and closes and forgets it as after any hang-up).
 The connection is checked to be a TCP socket of the bound port first, so that a descriptor
 number libzmq has closed and the process reused meanwhile is never touched. The shed peer
-has sent at most its greeting: nothing of it was buffered.
+has sent at most its greeting: nothing of it was buffered. The monitor drops events when
+its queue is full, so at the cap the connections counted are checked first (does the
+descriptor still hold the same peer?), and those gone without a report give their place back.
 
 libzmq reports a failed handshake (with CURVE on: a client without CURVE) without the peer,
 but then the loss of the connection with its descriptor; the peer's address, taken when the
@@ -45,7 +47,7 @@ class PeerCap:
         self._port = port
         self._limit = limit
         self._curve = curve
-        self._live: dict[int, str] = {}  # descriptor -> the peer's address
+        self._live: dict[int, tuple[str, int] | None] = {}  # descriptor -> the peer's (address, port)
         self._failed: int | None = None  # the protocol error of a handshake that just failed
         self._warned_addresses: set[str] = set()
         self.shed = 0
@@ -69,20 +71,30 @@ class PeerCap:
                 if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                     self._failed = fd  # not a descriptor here: the ZMTP error code
                 elif kind == zmq.EVENT_DISCONNECTED:
-                    address = self._live.pop(fd, None)
-                    if self._failed is not None and address is not None:
+                    peer = self._live.pop(fd, None)
+                    if self._failed is not None:
                         self.failed_handshakes += 1
-                        self._refused(address, self._failed)
+                        self._refused(peer[0] if peer else "?", self._failed)
                     self._failed = None
-                elif len(self._live) < self._limit:
-                    self._live[fd] = _peer_address(fd, self._port)
                 else:
-                    self._shed(fd)
+                    if len(self._live) >= self._limit:
+                        self._prune()
+                    if len(self._live) < self._limit:
+                        self._live[fd] = _peer(fd, self._port)
+                    else:
+                        self._shed(fd)
         except zmq.ZMQError as exc:
             if exc.errno not in (zmq.ETERM, zmq.ENOTSOCK):
                 log.error("The fee receiver's peer cap stopped: %s", exc)
         finally:
             self._monitor.close(0)
+
+    def _prune(self) -> None:
+        """Forget connections that are gone without a report (the monitor drops events when
+        its queue is full): a descriptor that no longer holds the same peer."""
+        for fd, peer in list(self._live.items()):
+            if peer is None or _peer(fd, self._port) != peer:
+                del self._live[fd]
 
     def _refused(self, address: str, error: int) -> None:
         if address in self._warned_addresses or len(self._warned_addresses) >= MAX_WARNED:
@@ -122,17 +134,19 @@ class PeerCap:
             )
 
 
-def _peer_address(fd: int, port: int) -> str:
-    """The remote address of the accepted connection ``fd`` ("?" when it is gone already)."""
+def _peer(fd: int, port: int) -> tuple[str, int] | None:
+    """The remote (address, port) of the connection accepted on ``port`` that ``fd`` holds;
+    None when it holds none (closed, or reused for something else)."""
     try:
         sock = socket.socket(fileno=os.dup(fd))
     except OSError:
-        return "?"
+        return None
     try:
-        if sock.getsockname()[1] != port:
-            return "?"
-        return str(sock.getpeername()[0])
+        if sock.type != socket.SOCK_STREAM or sock.getsockname()[1] != port:
+            return None
+        address = sock.getpeername()
+        return str(address[0]), int(address[1])
     except OSError:
-        return "?"
+        return None
     finally:
         sock.close()
