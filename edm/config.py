@@ -398,16 +398,17 @@ def _parse_database_tls(raw: Any, base: Path) -> DatabaseTls:
             raise ConfigError(f"database.tls.ca_file: {ca}: not a PEM CA certificate ({exc})") from None
     if cert is not None:
         try:
-            context.load_cert_chain(cert, keyfile=key)
+            context.load_cert_chain(cert, keyfile=key, password=_NO_PASSWORD)  # never a prompt
         except (ssl.SSLError, OSError) as exc:
             name = "key_file" if key is not None else "cert_file"
             raise ConfigError(
-                f"database.tls.{name}: {key or cert}: not a PEM certificate and its key ({exc})"
+                f"database.tls.{name}: {key or cert}: not a PEM certificate and its unencrypted key ({exc})"
             ) from None
     return DatabaseTls(ca, cert, key, _bool(raw, "verify", "database.tls", True))
 
 
 _TLS_FILES = ("ca_file", "cert_file", "key_file")
+_NO_PASSWORD = "".__str__  # an encrypted key fails instead of OpenSSL asking on the terminal
 
 
 def _readable_file(raw: Mapping[str, Any], key: str, prefix: str, base: Path) -> Path | None:

@@ -502,7 +502,7 @@ def tls_context(tls: DatabaseTls) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if tls.cert_file is not None:
-        context.load_cert_chain(tls.cert_file, keyfile=tls.key_file)
+        context.load_cert_chain(tls.cert_file, keyfile=tls.key_file, password="".__str__)
     return context
 
 
