@@ -307,6 +307,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from edm.keys import new_pair
+
+    public, secret = new_pair(Path(args.path))
+    print(f"wrote {secret} (secret, mode 0600) and {public} (public: hand this one to the other side)")
+    return OK
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     from edm.tail import run_tail
 
@@ -348,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     tail = sub.add_parser("tail", help="print today's log; -f follows it across midnight")
     tail.add_argument("-n", "--lines", type=_non_negative, default=10, metavar="N")
     tail.add_argument("-f", "--follow", action="store_true")
+    keys = sub.add_parser("keys", help="CURVE key pairs for the fee receiver and its clients")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    new = keys_sub.add_parser("new", help="write PATH.key_secret (0600) and PATH.key (public)")
+    new.add_argument("path", metavar="PATH")
     return parser
 
 
@@ -361,6 +373,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check-config": cmd_check_config,
     "publish": cmd_publish,
     "tail": cmd_tail,
+    "keys": cmd_keys,
 }
 
 

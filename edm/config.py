@@ -11,6 +11,7 @@ import grp
 import importlib
 import os
 import pwd
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -65,10 +66,33 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class DatabaseTls:
+    """``database.tls``: TLS is asked for when a file is named or ``verify`` is false."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    verify: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca_file is not None or self.cert_file is not None or not self.verify
+
+
+@dataclass(frozen=True)
 class DatabaseConfig:
     url: str | None = None
     pool_size: int = 8
     timeout: float = 5.0
+    tls: DatabaseTls = field(default_factory=DatabaseTls)
+
+
+@dataclass(frozen=True)
+class FeeCurve:
+    """``plugins.fee.curve``: the server's secret certificate, the allowed clients' directory."""
+
+    secret_key_file: Path
+    clients_dir: Path
 
 
 @dataclass(frozen=True)
@@ -77,6 +101,7 @@ class FeeConfig:
     listen: str = "tcp://127.0.0.1:5555"
     table: str = "fee"
     spool: Path = Path("run/fee.spool")
+    curve: FeeCurve | None = None
 
 
 @dataclass(frozen=True)
@@ -159,7 +184,7 @@ def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] = os.en
     amqp = _parse_amqp(_section(raw, "amqp"), environ)
     log = _parse_log(_section(raw, "log"), base)
     daemon = _parse_daemon(_section(raw, "daemon"), base)
-    database = _parse_database(_section(raw, "database"), environ)
+    database = _parse_database(_section(raw, "database"), environ, base)
     plugins = _parse_plugins(_section(raw, "plugins"), base)
     if plugins.fee.enabled and database.url is None:
         raise ConfigError("database.url: required when plugins.fee.enabled is true")
@@ -345,7 +370,7 @@ def _parse_daemon(raw: Mapping[str, Any], base: Path) -> DaemonConfig:
     )
 
 
-def _parse_database(raw: Mapping[str, Any], environ: Mapping[str, str]) -> DatabaseConfig:
+def _parse_database(raw: Mapping[str, Any], environ: Mapping[str, str], base: Path) -> DatabaseConfig:
     _reject_unknown("database.", raw, _keys(DatabaseConfig))
     url = environ.get("EDM_DATABASE_URL") or _optional_str(raw, "url", "database")
     key = "EDM_DATABASE_URL" if environ.get("EDM_DATABASE_URL") else "database.url"
@@ -358,7 +383,54 @@ def _parse_database(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Datab
     except ConfigError:
         limit = MAX_DATABASE_TIMEOUT
         raise ConfigError(f"database.timeout: must be a number of seconds > 0 and <= {limit}") from None
-    return DatabaseConfig(url=url, pool_size=_int(raw, "pool_size", "database", 8, 1), timeout=timeout)
+    tls = _parse_database_tls(raw.get("tls"), base)
+    if tls.enabled and url is not None and not url.startswith("mysql:"):
+        raise ConfigError(f"database.tls: TLS is for mysql:// URLs; {key} is {mask_url(url)}")
+    return DatabaseConfig(
+        url=url, pool_size=_int(raw, "pool_size", "database", 8, 1), timeout=timeout, tls=tls
+    )
+
+
+def _parse_database_tls(raw: Any, base: Path) -> DatabaseTls:
+    """Files must exist and hold what they claim now, not at the first connection."""
+    if raw is None:
+        return DatabaseTls()
+    if not isinstance(raw, dict):
+        raise ConfigError("database.tls: must be a mapping (ca_file, cert_file, key_file, verify)")
+    _reject_unknown("database.tls.", raw, _keys(DatabaseTls))
+    ca, cert, key = (_readable_file(raw, name, "database.tls", base) for name in _TLS_FILES)
+    if key is not None and cert is None:
+        raise ConfigError("database.tls.key_file: needs database.tls.cert_file (the certificate of that key)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"database.tls.ca_file: {ca}: not a PEM CA certificate ({exc})") from None
+    if cert is not None:
+        try:
+            context.load_cert_chain(cert, keyfile=key, password=_NO_PASSWORD)  # never a prompt
+        except (ssl.SSLError, OSError) as exc:
+            name = "key_file" if key is not None else "cert_file"
+            raise ConfigError(
+                f"database.tls.{name}: {key or cert}: not a PEM certificate and its unencrypted key ({exc})"
+            ) from None
+    return DatabaseTls(ca, cert, key, _bool(raw, "verify", "database.tls", True))
+
+
+_TLS_FILES = ("ca_file", "cert_file", "key_file")
+_NO_PASSWORD = "".__str__  # an encrypted key fails instead of OpenSSL asking on the terminal
+
+
+def _readable_file(raw: Mapping[str, Any], key: str, prefix: str, base: Path) -> Path | None:
+    if raw.get(key) is None:
+        return None
+    path = _path(raw, key, prefix, "", base)
+    if not path.is_file():
+        raise ConfigError(f"{prefix}.{key}: {path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{prefix}.{key}: {path}: not readable")
+    return path
 
 
 def check_database_url(url: str, key: str = "database.url") -> str:
@@ -392,8 +464,28 @@ def _parse_plugins(raw: Mapping[str, Any], base: Path) -> PluginsConfig:
             listen=listen,
             table=table,
             spool=_path(fee_raw, "spool", "plugins.fee", "../run/fee.spool", base),
+            curve=_parse_curve(fee_raw.get("curve"), base),
         )
     )
+
+
+def _parse_curve(raw: Any, base: Path) -> FeeCurve | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("plugins.fee.curve: must be null or a mapping (secret_key_file, clients_dir)")
+    _reject_unknown("plugins.fee.curve.", raw, _keys(FeeCurve))
+    for key in ("secret_key_file", "clients_dir"):
+        if raw.get(key) is None:
+            raise ConfigError(f"plugins.fee.curve.{key}: required when plugins.fee.curve is set")
+    secret = _readable_file(raw, "secret_key_file", "plugins.fee.curve", base)
+    assert secret is not None
+    clients = _path(raw, "clients_dir", "plugins.fee.curve", "", base)
+    if not clients.is_dir():
+        raise ConfigError(f"plugins.fee.curve.clients_dir: {clients}: no such directory")
+    if not os.access(clients, os.R_OK | os.X_OK):
+        raise ConfigError(f"plugins.fee.curve.clients_dir: {clients}: not readable")
+    return FeeCurve(secret, clients)
 
 
 def load_handler(spec: str) -> Callable[..., Any]:

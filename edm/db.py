@@ -38,10 +38,12 @@ to take that (the fee table's ticket is its primary key).
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import select
 import sqlite3
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -52,9 +54,11 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from edm.config import DatabaseConfig
+from edm.config import DatabaseConfig, DatabaseTls
 from edm.errors import DatabaseError, DatabaseUnavailable
 from edm.redact import mask_text, mask_url
+
+log = logging.getLogger(__name__)
 
 Dialect = Literal["mysql", "sqlite"]
 
@@ -294,7 +298,12 @@ class Database(Transactions):
     ``atomic()``, or ``session()`` for a series of them on one connection."""
 
     def __init__(
-        self, url: DatabaseUrl, pool_size: int, masked_url: str, timeout: float = DatabaseConfig.timeout
+        self,
+        url: DatabaseUrl,
+        pool_size: int,
+        masked_url: str,
+        timeout: float = DatabaseConfig.timeout,
+        tls: DatabaseTls | None = None,
     ) -> None:
         self.dialect = url.dialect
         self.pool_size = pool_size
@@ -303,7 +312,7 @@ class Database(Transactions):
         self._secrets = (url.password,) if url.password else ()
         self._backend: _Backend
         if url.dialect == "mysql":
-            self._backend = _MysqlBackend(url, pool_size, timeout)
+            self._backend = _MysqlBackend(url, pool_size, timeout, tls or DatabaseTls())
         else:
             assert url.path is not None
             self._backend = _SqliteBackend(url.path, pool_size, timeout)
@@ -313,7 +322,7 @@ class Database(Transactions):
         """Build the pool; no connection is made until one is needed."""
         if cfg.url is None:
             raise DatabaseError("database.url: not set")
-        return cls(parse_url(cfg.url), cfg.pool_size, mask_url(cfg.url), cfg.timeout)
+        return cls(parse_url(cfg.url), cfg.pool_size, mask_url(cfg.url), cfg.timeout, cfg.tls)
 
     def session(self) -> Session:
         """A Session: one pooled connection kept for a series of transactions until closed."""
@@ -484,16 +493,29 @@ class _Backend:
 
 
 class _MysqlBackend(_Backend):
-    def __init__(self, url: DatabaseUrl, pool_size: int, timeout: float) -> None:
+    def __init__(self, url: DatabaseUrl, pool_size: int, timeout: float, tls: DatabaseTls) -> None:
         import pymysql
         from dbutils.pooled_db import PooledDB
         from pymysql.constants import CLIENT
 
         self._driver_class = pymysql.connections.Connection
         self.unavailable = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
-        self.errors = (pymysql.err.Error,)
+        self.errors = (pymysql.err.Error, TlsRefused)
+        creator: Any = _PyMySQL(pymysql)
+        secure: dict[str, Any] = {}
+        self._tls = tls.enabled
+        if tls.enabled:
+            creator = _TlsConnect(creator)
+            secure["ssl"] = tls_context(tls)
+            if not tls.verify:
+                log.warning(
+                    "database.tls.verify is false: the certificate of the database server %s:%d "
+                    "is not verified, so anyone on the way can pose as it.",
+                    url.host,
+                    url.port,
+                )
         self._pool = PooledDB(
-            creator=_PyMySQL(pymysql),
+            creator=creator,
             mincached=0,
             maxcached=pool_size,
             maxshared=0,  # a connection is never shared between threads
@@ -513,6 +535,7 @@ class _MysqlBackend(_Backend):
             connect_timeout=timeout,
             read_timeout=timeout,
             write_timeout=timeout,
+            **secure,
         )
         self._compound: bool | None = None  # learnt from the first connection's server
 
@@ -524,6 +547,8 @@ class _MysqlBackend(_Backend):
             # more, for the error to report (within a bounded() scope that has run out, at once).
             try:
                 driver.connect()
+                if self._tls:
+                    require_tls(driver)
             except BaseException:
                 self.release(con, rollback=False)
                 raise
@@ -610,6 +635,67 @@ class _Timeout:
 
     def __set__(self, obj: Any, value: float | None) -> None:
         obj.__dict__[self._key] = value
+
+
+def tls_context(tls: DatabaseTls) -> ssl.SSLContext:
+    """The client side of ``database.tls``: the server's certificate and host name are checked
+    against ``ca_file`` (else the system's CAs) unless ``verify`` is false."""
+    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.cert_file is not None:
+        context.load_cert_chain(tls.cert_file, keyfile=tls.key_file, password="".__str__)
+    return context
+
+
+class TlsRefused(Exception):
+    """The database link could not be made secure: no TLS from the server, or a certificate
+    that failed verification. Not a sign of a database that is down: a retry cannot help."""
+
+
+class _TlsConnect:
+    """``pymysql.connect`` for ``database.tls``: a session the server did not encrypt is closed
+    and refused. PyMySQL before 1.2 quietly goes on in plaintext when the server offers no
+    TLS, so the server is asked (``Ssl_cipher``) whatever the driver's version; a handshake
+    that fails verification becomes TlsRefused instead of a "cannot connect" that would pass
+    for a database that is down."""
+
+    def __init__(self, dbapi: Any) -> None:
+        self.dbapi = dbapi
+        self.threadsafety = dbapi.threadsafety
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            con = self.dbapi.connect(*args, **kwargs)
+        except self.dbapi.OperationalError as exc:
+            cause = getattr(exc, "original_exception", None)
+            if isinstance(cause, ssl.SSLError):
+                raise TlsRefused(f"TLS handshake failed: {cause}") from None
+            if exc.args and exc.args[0] == _CR_SSL_CONNECTION_ERROR:
+                raise TlsRefused(f"the server does not offer TLS ({exc.args[-1]})") from None
+            raise
+        try:
+            require_tls(con)
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+
+_CR_SSL_CONNECTION_ERROR = 2026  # pymysql.constants.CR.CR_SSL_CONNECTION_ERROR
+
+
+def require_tls(con: Any) -> None:
+    """Raise TlsRefused unless the server says this session is encrypted."""
+    cursor = con.cursor()
+    try:
+        cursor.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    if not row or not row[1]:
+        raise TlsRefused("the server did not encrypt the session (database.tls asks for TLS)")
 
 
 class _SqliteBackend(_Backend):

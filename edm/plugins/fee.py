@@ -47,9 +47,23 @@ Limits, so that a flood or a hostile peer cannot exhaust memory or the pool:
 * replies to a client that left or does not read are dropped (the ROUTER is not
   mandatory), so a client can never block the receiver.
 
-libzmq does not bound the number of frames in one multipart message; a peer speaking raw
-ZMTP can grow it without end. Only the network (listen on a trusted interface) guards
-against that.
+* at most MAX_FRAMES (64) frames of one message reach Python; the rest of it is read and
+  dropped frame by frame, and the message is answered ``FALSE too many frames`` and counted
+  as malformed. A valid request has at most MAX_HOPS + 3 frames (the connection's routing
+  id, the hops, the empty delimiter, the body); the headroom lets the envelope checks above
+  say what is wrong with a message that is merely odd.
+* at most MAX_PEERS (1,024) TCP connections at once (``fee_guard.PeerCap``: libzmq has no
+  such option; its socket monitor reports each accepted connection, and one beyond the cap
+  is shut down as soon as the report is read, normally before its handshake is over).
+
+So with single-frame requests the receiver holds at most about MAX_PEERS x RCVHWM x
+MAX_FRAME (1 GiB at worst, 1 MiB a connection) in libzmq and one message of MAX_FRAMES
+frames in Python. What stays unbounded is
+the number of frames of one message: libzmq hands a multipart message over only once its
+last frame has come, and holds its frames until then (RCVHWM counts whole messages, and
+MAXMSGSIZE one frame). A peer speaking raw ZMTP can still grow one message without end;
+CURVE (``plugins.fee.curve``) stops that, since a peer without an allowed key never gets
+past the handshake, and so does listening on a trusted interface only.
 """
 
 from __future__ import annotations
@@ -65,10 +79,12 @@ from typing import Any
 
 import zmq
 
-from edm.config import Config, FeeConfig
+from edm.config import Config, FeeConfig, FeeCurve
 from edm.db import Database, Session
-from edm.errors import EdmError
+from edm.errors import DatabaseError, DatabaseUnavailable, EdmError
 from edm.logs import escape_body
+from edm.plugins.fee_auth import Gate, load_server_keys
+from edm.plugins.fee_guard import PeerCap
 from edm.plugins.fee_parse import MAX_REQUEST, Fee, MalformedRequest, parse_request
 from edm.plugins.fee_sink import Put, Sink
 from edm.plugins.fee_spool import Spool
@@ -82,6 +98,8 @@ MAX_FRAME = 16 << 10  # a bigger frame makes libzmq drop the peer instead of buf
 RCVHWM = 64  # messages libzmq buffers per connection before it stops reading from it
 MAX_HOPS = 4  # routing frames (proxies) a request may carry besides the connection's own
 MAX_ROUTING_ID = 255  # bytes; ZMTP allows no longer routing id
+MAX_FRAMES = 64  # frames of one message kept; a valid request has at most MAX_HOPS + 3
+MAX_PEERS = 1024  # TCP connections at once; more are shut down as they come
 LINGER_MS = 500
 IDLE_MS = 100  # without a request for this long the connections go back to the pool
 IN_FLIGHT = 2  # batches being stored at once, each on a pooled connection of its own
@@ -123,6 +141,9 @@ class FeePlugin:
         self._thread: threading.Thread | None = None
         self._storing = 0  # requests in the batch being stored
         self._failure: str | None = None  # why the receiver's thread died
+        self._gate: Gate | None = None  # CURVE: who may talk to the receiver
+        self._peer_cap: PeerCap | None = None
+        self._tls_checked = False
 
     @property
     def _fee(self) -> FeeConfig:
@@ -156,12 +177,21 @@ class FeePlugin:
                 if new.spool != old.spool:
                     self._spool = Spool(new.spool)
                 self._config = config
+                if self._gate is not None and config.plugins.fee.curve is not None:
+                    self._gate.reload(config.plugins.fee.curve)
                 return
+            if _settings(new)[3] != _settings(old)[3]:
+                # The server's key pair is set on the socket before it binds, and the socket is
+                # kept while it serves: a new key, or CURVE turned on or off, needs a restart.
+                raise EdmError(
+                    "plugins.fee.curve: a new server key, or CURVE turned on or off, applies at the "
+                    f"next restart of edm; keeping the running fee settings ({old.listen})"
+                )
             log.info("The fee receiver's settings changed; restarting it on %s.", new.listen)
             router = self._router
             if new.listen != old.listen:
                 try:
-                    router = self._bind(new.listen, holding=self.endpoint)
+                    router = self._bind(new.listen, holding=self.endpoint, curve=new.curve)
                 except EdmError as exc:
                     raise EdmError(f"{exc}; keeping {old.listen}") from None
             if not self._halt(config.daemon.stop_timeout):
@@ -187,9 +217,12 @@ class FeePlugin:
                 if moved:
                     log.info("Moved %d pending fee(s) from the spool %s to %s.", moved, old.spool, new.spool)
             if router is not self._router:
-                self._router.close(LINGER_MS)
+                self._router.close(LINGER_MS)  # its peer cap's monitor ends with it
                 self._router = router
                 self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+                self._peer_cap = self._cap_peers()
+            if self._gate is not None and new.curve is not None:
+                self._gate.reload(new.curve)
             self._config = config
             self._spool = spool
             self._run()
@@ -223,22 +256,35 @@ class FeePlugin:
     # -- lifecycle -----------------------------------------------------------------------
 
     def _start(self) -> None:
+        self._check_database_tls()
+        curve = self._fee.curve
         self._context = zmq.Context()
         try:
-            self._router = self._bind(self._fee.listen)
+            if curve is not None:
+                self._gate = Gate(self._context, curve)  # the ZAP handler, before the first peer
+            self._router = self._bind(self._fee.listen, curve=curve)
         except EdmError:
+            self._close_gate()
             self._context.term()
             raise
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._peer_cap = self._cap_peers()
         self._run()
 
-    def _bind(self, listen: str, holding: str | None = None) -> zmq.Socket[bytes]:
-        """A ROUTER socket bound to ``listen``; EdmError naming the key when it cannot be bound.
-        ``holding``: the endpoint we are bound to already."""
+    def _bind(
+        self, listen: str, holding: str | None = None, curve: FeeCurve | None = None
+    ) -> zmq.Socket[bytes]:
+        """A ROUTER socket bound to ``listen`` (a CURVE server with ``curve``); EdmError naming
+        the key when it cannot be bound. ``holding``: the endpoint we are bound to already."""
+        keys = load_server_keys(curve) if curve is not None else None
         router: zmq.Socket[bytes] = self._context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, LINGER_MS)
         router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
         router.setsockopt(zmq.RCVHWM, RCVHWM)
+        if keys is not None:
+            router.setsockopt(zmq.CURVE_SERVER, 1)
+            router.setsockopt(zmq.CURVE_PUBLICKEY, keys[0])
+            router.setsockopt(zmq.CURVE_SECRETKEY, keys[1])
         try:
             router.bind(listen)
         except zmq.ZMQError as exc:
@@ -278,7 +324,8 @@ class FeePlugin:
         if self._state == "stopped":
             return
         if self._halt(timeout):
-            self._router.close(LINGER_MS)
+            self._router.close(LINGER_MS)  # its peer cap's monitor ends with it
+            self._close_gate()
             self._context.term()
         else:
             log.warning("The fee receiver did not finish within %.1f s; closing it anyway.", timeout)
@@ -287,6 +334,32 @@ class FeePlugin:
         self._storing = 0
         self._state = "stopped"
         log.info("The fee receiver on %s stopped.", self.endpoint)
+
+    def _cap_peers(self) -> PeerCap | None:
+        endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        if not endpoint.startswith("tcp://"):
+            return None  # ipc: the file's permissions say who connects; inproc: this process
+        return PeerCap(self._router, int(endpoint.rsplit(":", 1)[1]), MAX_PEERS, self._fee.curve is not None)
+
+    def _close_gate(self) -> None:
+        if self._gate is not None:
+            self._gate.stop()
+            self._gate = None
+
+    def _check_database_tls(self) -> None:
+        """With ``database.tls``, a link that cannot be made secure fails the start (a wrong CA,
+        a server without TLS): spooling would only hide it. A database that is down does not:
+        fees are spooled until it answers, as without TLS. Checked at the first start."""
+        if self._tls_checked or not self._config.database.tls.enabled:
+            return
+        try:
+            with self._db.connection():
+                pass
+        except DatabaseUnavailable:
+            return
+        except DatabaseError as exc:
+            raise EdmError(f"database.tls: {exc}") from None
+        self._tls_checked = True
 
     # -- the receiver thread -------------------------------------------------------------
 
@@ -376,7 +449,8 @@ class FeePlugin:
                     envelope = frames[:1]  # answer the connection itself, not a route it made up
                     raise MalformedRequest("invalid routing envelope")
                 if len(body) != 1:
-                    raise MalformedRequest("empty request" if not body else "multipart request")
+                    many = "too many frames" if len(frames) > MAX_FRAMES else "multipart request"
+                    raise MalformedRequest("empty request" if not body else many)
                 fee = parse_request(body[0])
             except MalformedRequest as exc:
                 self._counts["malformed"] += 1
@@ -394,12 +468,15 @@ class FeePlugin:
         return batch
 
     def _recv_frames(self) -> list[bytes]:
-        """One whole message, without waiting; zmq.Again when there is none."""
+        """One whole message, without waiting; zmq.Again when there is none. Of a message
+        longer than MAX_FRAMES, the first MAX_FRAMES + 1 frames (the one too many tells the
+        caller); the others are read and dropped one by one, never held together."""
         recv = self._router.recv
-        frames = []
+        frames: list[bytes] = []
         while True:
             frame = recv(_NOBLOCK, copy=False)
-            frames.append(frame.bytes)
+            if len(frames) <= MAX_FRAMES:
+                frames.append(frame.bytes)
             if not frame.more:
                 return frames
 
@@ -455,5 +532,7 @@ def _port(endpoint: str) -> str | None:
     return endpoint.rpartition(":")[2]
 
 
-def _settings(fee: FeeConfig) -> tuple[str, str, str]:
-    return fee.listen, fee.table, str(fee.spool)
+def _settings(fee: FeeConfig) -> tuple[str, str, str, str | None]:
+    # clients_dir is not here: a reload reads it again in place
+    secret = str(fee.curve.secret_key_file) if fee.curve is not None else None
+    return fee.listen, fee.table, str(fee.spool), secret
