@@ -207,3 +207,66 @@ def test_curve_settings_are_checked_with_the_config_and_at_start(
     config = parsed({"secret_key_file": str(keys.server_public), "clients_dir": str(keys.clients_dir)})
     with pytest.raises(EdmError, match=r"^plugins\.fee\.curve\.secret_key_file: .* holds no secret key"):
         FeePlugin(config, databases(config)).start()
+
+
+def test_a_reload_keeps_curve_as_it_runs_and_moves_it_with_the_endpoint(
+    tmp_path: Path,
+    keys: Keys,
+    table: str,
+    databases: Callable[[Config], Database],
+    plugins: Callable[[Config, Database], FeePlugin],
+    zctx: Any,
+) -> None:
+    """CURVE turned off by a reload is refused (the serving socket keeps its key pair until a
+    restart) and the receiver serves on as it was; a new endpoint is a CURVE server too."""
+    keys.allow(keys.client_public)
+    config = _config(tmp_path, table, keys)
+    plugin = plugins(config, databases(config))
+    endpoint = plugin.endpoint or ""
+
+    plain = parse(
+        {**_raw(config), "plugins": {"fee": {**_raw(config)["plugins"]["fee"], "curve": None}}},
+        tmp_path / "mq.yaml",
+        environ={},
+    )
+    with pytest.raises(EdmError, match=r"^plugins\.fee\.curve: .*next restart"):
+        plugin.reload(plain)
+    allowed = curve_client(zctx, endpoint, keys, keys.client_secret, 15000)
+    allowed.send(b"8101,1,1")
+    assert allowed.recv() == b"TRUE"
+
+    moved_to = f"tcp://127.0.0.1:{free_port()}"
+    moved = parse(
+        {**_raw(config), "plugins": {"fee": {**_raw(config)["plugins"]["fee"], "listen": moved_to}}},
+        tmp_path / "mq.yaml",
+        environ={},
+    )
+    plugin.reload(moved)
+    assert plugin.endpoint == moved_to
+    allowed = curve_client(zctx, moved_to, keys, keys.client_secret, 15000)
+    allowed.send(b"8102,1,1")
+    assert allowed.recv() == b"TRUE"
+    stranger = curve_client(zctx, moved_to, keys, keys.stranger_secret, DENIED_WAIT_MS)
+    stranger.send(b"8103,1,1")
+    with pytest.raises(zmq.Again):
+        stranger.recv()
+
+
+def _raw(config: Config) -> dict[str, Any]:
+    fee = config.plugins.fee
+    assert fee.curve is not None
+    return {
+        "database": {"url": config.database.url, "pool_size": config.database.pool_size},
+        "plugins": {
+            "fee": {
+                "enabled": True,
+                "listen": fee.listen,
+                "table": fee.table,
+                "spool": str(fee.spool),
+                "curve": {
+                    "secret_key_file": str(fee.curve.secret_key_file),
+                    "clients_dir": str(fee.curve.clients_dir),
+                },
+            }
+        },
+    }
