@@ -291,9 +291,12 @@ def test_list_and_replay_keep_the_order_of_quorum_queues(edm_env: EdmEnv) -> Non
 
 
 class GateProxy:
-    """A TCP proxy whose forwarding can be held (``hold``) and let go (``release``): what
-    arrives meanwhile waits in the proxy, so a test can stop a client mid-run, act on the
-    broker, then let both sides see what happened."""
+    """A TCP proxy for one AMQP client that can hold the client's traffic right after the
+    client acknowledges a message (``hold_after_ack``) and let it go (``release``): what
+    arrives meanwhile waits in the proxy. A test can so stop a client at the moment that
+    matters, act on the broker, then let both sides see what happened."""
+
+    BASIC_ACK = (60, 80)
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -302,6 +305,8 @@ class GateProxy:
         self.port = int(self.listener.getsockname()[1])
         self.open = threading.Event()
         self.open.set()
+        self.armed = threading.Event()
+        self.held = threading.Event()
         self.closed = threading.Event()
         self.sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -320,8 +325,43 @@ class GateProxy:
                 # As the AMQP peers do: without it each small frame waits for a delayed ACK.
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            threading.Thread(target=self._from_client, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _from_client(self, src: socket.socket, dst: socket.socket) -> None:
+        """Forward frame by frame, so the hold can fall right after a basic.ack."""
+        buffer = bytearray()
+        header_left = 8  # b"AMQP\x00\x00\x09\x01" comes before the first frame
+        try:
+            while data := src.recv(65536):
+                buffer += data
+                while True:
+                    if header_left:
+                        size = min(header_left, len(buffer))
+                        header_left -= size
+                    elif len(buffer) >= 7:
+                        size = 8 + int.from_bytes(buffer[3:7], "big")
+                        if len(buffer) < size:
+                            break
+                    else:
+                        break
+                    if not size:
+                        break
+                    frame, buffer = bytes(buffer[:size]), buffer[size:]
+                    self.open.wait()
+                    dst.sendall(frame)
+                    method = frame[0] == 1 and (
+                        int.from_bytes(frame[7:9], "big"),
+                        int.from_bytes(frame[9:11], "big"),
+                    )
+                    if method == self.BASIC_ACK and self.armed.is_set():
+                        self.armed.clear()
+                        self.open.clear()
+                        self.held.set()
+        except OSError:
+            pass
+        finally:
+            self._shut(src, dst)
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
@@ -331,14 +371,18 @@ class GateProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            self._shut(src, dst)
 
-    def hold(self) -> None:
-        self.open.clear()
+    @staticmethod
+    def _shut(*sockets: socket.socket) -> None:
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def hold_after_ack(self) -> None:
+        self.armed.set()
 
     def release(self) -> None:
         self.open.set()
@@ -385,7 +429,8 @@ def test_nothing_is_lost_when_the_broker_closes_the_replay_connection(
     edm_env.write_config()
 
     # When a replay of all of them runs, and once it has moved some, its connection (and only
-    # its own) is closed by the broker; the proxy holds the replay still meanwhile
+    # its own) is closed by the broker; the proxy holds the replay still meanwhile, right
+    # after it acknowledged a dead letter
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'support'}"}
     env.pop("EDM_CONFIG", None)
     replay = subprocess.Popen(
@@ -397,7 +442,10 @@ def test_nothing_is_lost_when_the_broker_closes_the_replay_connection(
     )
     try:
         wait_for(lambda: edm_env.queue_depth() >= 50 or replay.poll() is not None, timeout=60)
-        gate.hold()
+        # Held right after an ack reached the broker: a replay that acked before its publish
+        # was confirmed would have that message nowhere once the connection is closed.
+        gate.hold_after_ack()
+        wait_for(lambda: gate.held.is_set() or replay.poll() is not None, timeout=30)
         assert replay.poll() is None, "the replay ended before its connection could be closed"
         broker_pid = connection_of(replay.pid)
         subprocess.run(
@@ -418,11 +466,16 @@ def test_nothing_is_lost_when_the_broker_closes_the_replay_connection(
     moved = int(re.fullmatch(r"replayed (\d+)\n", out).group(1))  # type: ignore[union-attr]
     assert 50 <= moved < 1000
     assert queue in err and f"amqp://guest:***@127.0.0.1:{gate.port}/%2F" in err, err
-    # what was replayed stays replayed: the main queue holds the moved ones (and at most the
-    # one whose confirm was on its way), .dead the rest (the one in hand went back)
+    # what was replayed stays replayed: the main queue holds the moved ones (and at most one
+    # whose confirm was on its way), .dead the rest (the one in hand went back unacked)
     in_main = edm_env.queue_depth()
     assert moved <= in_main <= moved + 1
-    wait_for(lambda: in_main + edm_env.queue_depth(queue) >= 1000)
+    try:
+        wait_for(lambda: in_main + edm_env.queue_depth(queue) >= 1000)
+    except AssertionError:
+        raise AssertionError(
+            f"lost: {in_main} in the main queue + {edm_env.queue_depth(queue)} dead"
+        ) from None
     left = edm_env.queue_depth(queue)
     assert in_main + left <= 1001
 
