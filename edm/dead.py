@@ -112,8 +112,8 @@ def _connected(config: Config, action: str) -> Iterator[tuple[pika.BlockingConne
         if connection.is_open:
             try:
                 connection.close()
-            except pika.exceptions.AMQPError:
-                pass
+            except (pika.exceptions.AMQPError, OSError, KeyboardInterrupt):
+                pass  # the broker returns whatever was not acked all the same
 
 
 def _count(connection: pika.BlockingConnection, queue: str) -> tuple[BlockingChannel, int | None]:
@@ -195,6 +195,9 @@ def replay(config: Config, limit: int | None) -> Outcome:
             outcome.error = f"the broker refused to take a dead letter back into {target!r} on {where}"
         except pika.exceptions.AMQPError as exc:
             outcome.error = f"replaying {queue} on {where} stopped: {describe(exc)}"
+        except KeyboardInterrupt:
+            # The dead letter in hand, unacked, goes back to .dead when the connection closes.
+            outcome.error = f"replaying {queue} interrupted"
         return outcome
 
 
