@@ -321,6 +321,20 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return run_tail(_load(args), args.lines, args.follow)
 
 
+def cmd_dead(args: argparse.Namespace) -> int:
+    from edm import dead
+
+    if args.action == "purge" and not args.yes:
+        print("edm dead: purge deletes every dead letter; add --yes to do it", file=sys.stderr)
+        return USAGE
+    config = _load(args)
+    if args.action == "list":
+        return dead.run_list(config, args.count, args.json)
+    if args.action == "replay":
+        return dead.run_replay(config, None if args.all else args.count)
+    return dead.run_purge(config)
+
+
 # -- parsing -------------------------------------------------------------------------------------
 
 
@@ -360,6 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     new = keys_sub.add_parser("new", help="write PATH.key_secret (0600) and PATH.key (public)")
     new.add_argument("path", metavar="PATH")
+
+    dead = sub.add_parser("dead", help="list, replay or purge the dead letters in <amqp.queue>.dead")
+    actions = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
+    dead_list = actions.add_parser("list", help="show the oldest dead letters without removing them")
+    dead_list.add_argument(
+        "-n", dest="count", type=_non_negative, default=20, metavar="N", help="at most N (20)"
+    )
+    dead_list.add_argument("--json", action="store_true", help="one JSON array")
+    dead_replay = actions.add_parser("replay", help="move dead letters back to amqp.queue, oldest first")
+    # No default: putting messages back into production is said explicitly, every time.
+    how_many = dead_replay.add_mutually_exclusive_group(required=True)
+    how_many.add_argument("-n", dest="count", type=_non_negative, metavar="N", help="the oldest N")
+    how_many.add_argument("--all", action="store_true", help="every dead letter there now")
+    dead_purge = actions.add_parser("purge", help="delete every dead letter (needs --yes)")
+    dead_purge.add_argument("--yes", action="store_true", help="really delete them")
     return parser
 
 
@@ -374,6 +403,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "publish": cmd_publish,
     "tail": cmd_tail,
     "keys": cmd_keys,
+    "dead": cmd_dead,
 }
 
 
