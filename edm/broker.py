@@ -124,6 +124,12 @@ def describe(exc: BaseException | str) -> str:
     exc = _innermost(exc)
     if isinstance(exc, ssl.SSLError):
         return _describe_tls(exc)
+    if isinstance(exc, pika.exceptions.StreamLostError):
+        # An alert after the handshake (TLS 1.3: the broker refused our certificate) reaches
+        # pika as a lost stream whose text holds the SSLError.
+        alert = _SSL_IN_TEXT.search(str(exc))
+        if alert:
+            return f"TLS handshake failed: {alert.group(1)}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
@@ -156,7 +162,8 @@ def _describe_tls(exc: ssl.SSLError) -> str:
     """``certificate verify failed: IP address mismatch, ...`` rather than OpenSSL's raw line."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         detail = (exc.verify_message or "").strip().rstrip(".")
-        detail = detail[:1].lower() + detail[1:]
+        if detail[1:2].islower():  # "Hostname mismatch" reads on after the colon; "IP" stays
+            detail = detail[:1].lower() + detail[1:]
         if exc.verify_code in _UNKNOWN_CA_CODES:
             detail += " (is amqp.tls.ca_file the CA that signed the broker's certificate?)"
         return f"certificate verify failed: {detail or 'no reason given'}"
@@ -167,5 +174,6 @@ def _describe_tls(exc: ssl.SSLError) -> str:
     return f"TLS handshake failed: {mask_text(text)}"
 
 
+_SSL_IN_TEXT = re.compile(r"\[SSL: [A-Z0-9_]+\] ([^'\"()]+?)(?: \(_ssl\.c:\d+\))?['\"]")
 # OpenSSL's X509_V_ERR_: unable to get issuer (2, 20), self-signed (18, 19), untrusted (27).
 _UNKNOWN_CA_CODES = frozenset({2, 18, 19, 20, 27})

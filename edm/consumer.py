@@ -211,7 +211,7 @@ class Consumer:
     def _warn_insecure(self) -> None:
         warning = insecure_tls_warning(self.amqp.url, self.amqp.tls)
         if warning:
-            log.warning("%s.", warning[:1].upper() + warning[1:])
+            log.warning("%s.", warning)
 
     def _end_loop(self) -> None:
         self._running = False
