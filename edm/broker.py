@@ -46,22 +46,26 @@ def parameters(
 
 
 def tls_context(tls: AmqpTlsConfig) -> ssl.SSLContext:
-    """The client TLS context ``amqp.tls`` asks for."""
-    try:
-        if tls.verify:
+    """The client TLS context ``amqp.tls`` asks for; BrokerError names the file that failed."""
+    if tls.verify:
+        try:
             # The system's CAs, or only the private CA when one is named.
             context = ssl.create_default_context(cafile=None if tls.ca_file is None else str(tls.ca_file))
-            context.verify_mode = ssl.CERT_REQUIRED
-            context.check_hostname = True
-        else:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if tls.cert_file is not None:
-            key = None if tls.key_file is None else str(tls.key_file)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise BrokerError(f"amqp.tls.ca_file: cannot load {tls.ca_file}: {describe(exc)}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.check_hostname = True
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.cert_file is not None:
+        key = None if tls.key_file is None else str(tls.key_file)
+        try:
             context.load_cert_chain(str(tls.cert_file), key, _no_password)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise BrokerError(f"amqp.tls: cannot load the certificates: {describe(exc)}") from None
+        except (OSError, ValueError) as exc:
+            files = str(tls.cert_file) if key is None else f"{tls.cert_file} and {key}"
+            raise BrokerError(f"amqp.tls.cert_file: cannot load {files}: {describe(exc)}") from None
     return context
 
 

@@ -9,18 +9,22 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
+import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pika.credentials
 import pytest
 import trustme
 from conftest import EdmEnv, wait_for
 from rabbitnode import Cluster, free_base, running_cluster
 
+from edm.broker import parameters
 from edm.config import parse
-from edm.errors import ConfigError
+from edm.errors import BrokerError, ConfigError
 
 TLS_OFFSET = 50  # the TLS listener's port, from the node's base port (free_base checks it)
 CLIENT_USER = "edm-client"  # the client certificate's common name: a user of the node
@@ -256,3 +260,44 @@ def test_a_urls_own_ssl_options_are_refused(pems: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         tls_config(pems, {}, url)
     assert "use amqp.tls" in str(caught.value) and "secret" not in str(caught.value)
+
+
+# -- the parameters every connection is made with ---------------------------------------------
+
+
+def test_amqps_parameters_verify_the_certificate_and_host_name_by_default() -> None:
+    params = parameters("amqps://u:p@broker.example.org:5671/%2F")
+    options = params.ssl_options
+    assert options is not None and options.server_hostname == "broker.example.org"
+    assert options.context.verify_mode == ssl.CERT_REQUIRED and options.context.check_hostname
+    assert options.context.cert_store_stats()["x509_ca"] > 0  # the system's CAs
+    assert isinstance(params.credentials, pika.credentials.PlainCredentials)
+    assert parameters("amqp://u:p@h/%2F").ssl_options is None
+
+
+def test_amqps_parameters_take_amqp_tls(pems: Path) -> None:
+    # a private CA only: nothing else is trusted
+    tls = tls_config(pems, {"ca_file": "ca.pem", "cert_file": "cert.pem", "key_file": "key.pem"})
+    params = parameters("amqps://broker:5671/%2F", tls=tls)
+    assert params.ssl_options is not None
+    assert params.ssl_options.context.cert_store_stats()["x509_ca"] == 1
+    # a client certificate without a password in the URL: EXTERNAL; with one: PLAIN
+    assert isinstance(params.credentials, pika.credentials.ExternalCredentials)
+    assert isinstance(
+        parameters("amqps://u:p@broker/", tls=tls).credentials, pika.credentials.PlainCredentials
+    )
+    unverified = parameters("amqps://broker/", tls=tls_config(pems, {"verify": False}))
+    assert unverified.ssl_options is not None
+    assert unverified.ssl_options.context.verify_mode == ssl.CERT_NONE
+    assert not unverified.ssl_options.context.check_hostname
+
+
+def test_a_certificate_gone_since_the_config_check_is_a_broker_error(tmp_path: Path, pems: Path) -> None:
+    for name in ("cert.pem", "key.pem"):
+        shutil.copy(pems / name, tmp_path / name)
+    tls = tls_config(tmp_path, {"cert_file": "cert.pem", "key_file": "key.pem"})
+    (tmp_path / "key.pem").unlink()
+    with pytest.raises(BrokerError) as caught:
+        parameters("amqps://broker/", tls=tls)
+    expected = f"amqp.tls.cert_file: cannot load {tmp_path}/cert.pem and {tmp_path}/key.pem: "
+    assert str(caught.value) == expected + "No such file or directory", caught.value
