@@ -38,7 +38,7 @@ def parameters(
     params.client_properties = {"connection_name": "edm", "product": "edm"}
     if params.ssl_options is not None:
         tls = tls or _NO_TLS
-        # Our own context, whatever pika's default is: verification must not hang on a version.
+        # Our own context rather than pika's default one: verification must not depend on its version.
         params.ssl_options = pika.SSLOptions(tls_context(tls), server_hostname=params.host)
         if tls.cert_file is not None and urlsplit(url).password is None:
             params.credentials = pika.credentials.ExternalCredentials()
