@@ -97,7 +97,7 @@ def tls_env(make_env: Callable[..., EdmEnv], tls_node: TlsNode) -> Callable[...,
     """An EdmEnv on the TLS node: ``url`` and the ``amqp.tls`` mapping given."""
 
     def make(url: str, tls: dict[str, Any]) -> EdmEnv:
-        env = make_env({"amqp": {"url": url, "tls": tls, "retry_max": 1}})
+        env: EdmEnv = make_env({"amqp": {"url": url, "tls": tls, "retry_max": 1}})
         return env
 
     return make
@@ -200,7 +200,8 @@ def test_a_client_certificate_logs_in_with_external(
     # When the daemon consumes and `edm publish` sends
     assert env.cli("start").returncode == 0
     consume_and_publish(env, ["as the certificate's user"])
-    # Then the broker knows both connections as that user, logged in with EXTERNAL
+    # Then the daemon's connection is that user's, logged in with EXTERNAL (a PLAIN login
+    # would have been guest's: pika's default credentials when a URL names no user)
     external = [c for c in tls_node.connections() if c["user"] == CLIENT_USER]
     assert external and all(c["auth_mechanism"] == "EXTERNAL" and c["ssl"] for c in external), external
 
