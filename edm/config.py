@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -28,6 +28,16 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # A file without these is more likely a wrong file than a wish for every default.
 REQUIRED_SECTIONS = ("amqp", "log", "daemon")
 MAX_DATABASE_TIMEOUT = 86400  # seconds; PyMySQL refuses a connect timeout past a year
+
+
+@dataclass(frozen=True)
+class AmqpTlsConfig:
+    """How ``amqps://`` URLs check the broker and prove who we are (no effect on ``amqp://``)."""
+
+    ca_file: Path | None = None  # None: the system's CAs
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    verify: bool = True
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,7 @@ class AmqpConfig:
     queue_arguments: Mapping[str, Any] = field(default_factory=dict)
     handler: str = "edm.handlers:log_message"
     max_retries: int = 3
+    tls: AmqpTlsConfig = field(default_factory=AmqpTlsConfig)
 
 
 @dataclass(frozen=True)
@@ -181,7 +192,7 @@ def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] = os.en
     base = path.parent
     sections = {"amqp", "log", "daemon", "database", "plugins"}
     _reject_unknown("", raw, sections)
-    amqp = _parse_amqp(_section(raw, "amqp"), environ)
+    amqp = _parse_amqp(_section(raw, "amqp"), environ, base)
     log = _parse_log(_section(raw, "log"), base)
     daemon = _parse_daemon(_section(raw, "daemon"), base)
     database = _parse_database(_section(raw, "database"), environ, base)
@@ -276,10 +287,13 @@ def check_amqp_url(url: str, key: str = "amqp.url") -> str:
         raise ConfigError(f"{key}: {mask_url(url)} names no host")
     if port is not None and not 0 < port < 65536:
         raise ConfigError(f"{key}: {mask_url(url)} has an invalid port")
+    if "ssl_options" in parse_qs(parts.query):
+        # pika would build its own TLS context from it, bypassing amqp.tls and its checks.
+        raise ConfigError(f"{key}: {mask_url(url)}: the ssl_options query is not supported; use amqp.tls")
     return url
 
 
-def _parse_amqp(raw: Mapping[str, Any], environ: Mapping[str, str]) -> AmqpConfig:
+def _parse_amqp(raw: Mapping[str, Any], environ: Mapping[str, str], base: Path) -> AmqpConfig:
     _reject_unknown("amqp.", raw, _keys(AmqpConfig))
     d = AmqpConfig()
     url_value: Any = environ.get("EDM_AMQP_URL") or raw.get("url", list(d.url))
@@ -313,7 +327,79 @@ def _parse_amqp(raw: Mapping[str, Any], environ: Mapping[str, str]) -> AmqpConfi
         queue_arguments=dict(qargs),
         handler=handler,
         max_retries=_int(raw, "max_retries", "amqp", d.max_retries, 0),
+        tls=_parse_amqp_tls(raw.get("tls"), base),
     )
+
+
+def _parse_amqp_tls(raw: Any, base: Path) -> AmqpTlsConfig:
+    """Check the files now, with the errors an operator can act on, not at the first connect."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("amqp.tls: must be a mapping (ca_file, cert_file, key_file, verify)")
+    _reject_unknown("amqp.tls.", raw, _keys(AmqpTlsConfig))
+    files = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        files[key] = None if raw.get(key) is None else _path(raw, key, "amqp.tls", "", base)
+    ca_file, cert_file, key_file = files["ca_file"], files["cert_file"], files["key_file"]
+    if ca_file is not None:
+        text = _read_pem(ca_file, "amqp.tls.ca_file")
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            raise ConfigError(f"amqp.tls.ca_file: {ca_file} holds no PEM certificate")
+        try:
+            ssl.create_default_context(cafile=str(ca_file))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"amqp.tls.ca_file: {ca_file}: not a usable CA certificate ({exc})") from None
+    if key_file is not None and cert_file is None:
+        raise ConfigError("amqp.tls.key_file: set amqp.tls.cert_file too (the certificate of this key)")
+    if cert_file is not None:
+        check_client_certificate(cert_file, key_file, "amqp.tls")
+    return AmqpTlsConfig(
+        ca_file=ca_file, cert_file=cert_file, key_file=key_file, verify=_bool(raw, "verify", "amqp.tls", True)
+    )
+
+
+def _read_pem(path: Path, key: str) -> str:
+    try:
+        return path.read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{key}: {path} is a directory, not a file") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+
+
+def _no_password() -> str:
+    raise ConfigError("the key is encrypted: edm needs it unencrypted (readable by its user only)")
+
+
+def check_client_certificate(cert_file: Path, key_file: Path | None, prefix: str) -> None:
+    """A client certificate and its key must load together; the error names the key at fault."""
+    cert_text = _read_pem(cert_file, f"{prefix}.cert_file")
+    if "-----BEGIN CERTIFICATE-----" not in cert_text:
+        raise ConfigError(f"{prefix}.cert_file: {cert_file} holds no PEM certificate")
+    if key_file is None:
+        if "PRIVATE KEY-----" not in cert_text:
+            raise ConfigError(
+                f"{prefix}.cert_file: {cert_file} holds no private key; set {prefix}.key_file to its key"
+            )
+        key_name = f"{prefix}.cert_file"
+    else:
+        if "PRIVATE KEY-----" not in _read_pem(key_file, f"{prefix}.key_file"):
+            raise ConfigError(f"{prefix}.key_file: {key_file} holds no PEM private key")
+        key_name = f"{prefix}.key_file"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(str(cert_file), None if key_file is None else str(key_file), _no_password)
+    except ConfigError as exc:
+        raise ConfigError(f"{key_name}: {exc}") from None
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise ConfigError(f"{key_name}: the key does not match the certificate {cert_file}") from None
+        raise ConfigError(f"{key_name}: cannot load the certificate and key: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{key_name}: cannot read it: {exc.strerror or exc}") from None
 
 
 def _parse_log(raw: Mapping[str, Any], base: Path) -> LogConfig:

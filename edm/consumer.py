@@ -29,9 +29,9 @@ import pika.frame
 import pika.spec
 from pika.adapters.select_connection import IOLoop
 
-from edm.broker import describe, parameters
+from edm.broker import describe, insecure_tls_warning, parameters
 from edm.config import AmqpConfig
-from edm.errors import LogWriteError
+from edm.errors import BrokerError, LogWriteError
 from edm.fastlane import FastLaneConnection, Lane, decode_properties
 from edm.ioloop import FlushingIOLoop
 from edm.redact import mask_url
@@ -181,6 +181,7 @@ class Consumer:
     def start(self) -> None:
         """Make the first connection attempt (the loop runs in ``run``)."""
         self._running = True
+        self._warn_insecure()
         with self._io:
             self._connect()
             self.ioloop.call_later(DEPTH_INTERVAL, self._poll_depth)
@@ -206,6 +207,11 @@ class Consumer:
             self._keeper_tick.set()
             keeper.join(timeout=5)
             self.ioloop.deactivate_poller()
+
+    def _warn_insecure(self) -> None:
+        warning = insecure_tls_warning(self.amqp.url, self.amqp.tls)
+        if warning:
+            log.warning("%s.", warning)
 
     def _end_loop(self) -> None:
         self._running = False
@@ -254,7 +260,12 @@ class Consumer:
         url = urls[self._url_index % len(urls)]
         self._set_state("connecting")
         log.debug("Connecting to %s.", mask_url(url))
-        params = parameters(url, self.amqp.heartbeat)
+        try:
+            params = parameters(url, self.amqp.heartbeat, self.amqp.tls)
+        except BrokerError as exc:  # a certificate file gone or unreadable since the config check
+            self._connection_url = url
+            self._on_open_error(None, exc)
+            return
         # A broker alarm blocks the connection only while it has a dead letter to take; the
         # connection waits it out instead of being torn down (a reconnect would redeliver the
         # message, fail it again and meet the same alarm). Heartbeats go on meanwhile.
@@ -297,7 +308,7 @@ class Consumer:
             # A log that began failing meanwhile is what holds the consumer back now.
             self._set_state(self._log_failure.activity if self._log_failure is not None else before)
 
-    def _on_open_error(self, connection: FastLaneConnection, error: BaseException | str) -> None:
+    def _on_open_error(self, connection: FastLaneConnection | None, error: BaseException | str) -> None:
         reason = describe(error) if isinstance(error, BaseException) else mask_url(str(error))
         log.warning("Cannot connect to %s: %s.", mask_url(self._connection_url), reason)
         self._connection = None
@@ -325,6 +336,7 @@ class Consumer:
         if self._pending is not None:
             self.amqp, self.handler = self._pending
             self._pending = None
+            self._warn_insecure()
             self._draining = False
             self._url_index = 0
             self._round = 0

@@ -28,9 +28,9 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
-from edm.broker import describe, parameters
-from edm.config import Config
-from edm.errors import EdmError
+from edm.broker import describe, insecure_tls_warning, parameters
+from edm.config import AmqpTlsConfig, Config
+from edm.errors import BrokerError, EdmError
 from edm.redact import mask_text, mask_url
 
 WINDOW = 5000
@@ -76,6 +76,9 @@ def run_publish(
     blocked_timeout: float = BLOCKED_TIMEOUT,
 ) -> int:
     """Publish every body; 0 when the broker confirmed them all, else 1 with the reason on stderr."""
+    warning = insecure_tls_warning(config.amqp.url, config.amqp.tls)
+    if warning:
+        print(f"edm publish: WARNING: {warning}", file=sys.stderr)
     report = publish_bodies(
         config.amqp.url,
         config.amqp.exchange if exchange is None else exchange,
@@ -84,6 +87,7 @@ def run_publish(
         progress=progress,
         blocked_timeout=blocked_timeout,
         notices=sys.stderr,
+        tls=config.amqp.tls,
     )
     if report.error:
         print(f"edm publish: {report.error}", file=sys.stderr)
@@ -115,12 +119,16 @@ def publish_bodies(
     progress: TextIO | None = None,
     blocked_timeout: float = BLOCKED_TIMEOUT,
     notices: TextIO | None = None,
+    tls: AmqpTlsConfig | None = None,
 ) -> PublishReport:
     """Publish persistent, mandatory messages with confirms; never raises for broker trouble.
 
     ``notices`` gets a line when the broker blocks publishing and when it lifts the block.
+    ``tls`` applies to ``amqps://`` URLs (default: verify the broker with the system's CAs).
     """
-    return _Publisher(urls, exchange, routing_key, bodies, window, progress, blocked_timeout, notices).run()
+    return _Publisher(
+        urls, exchange, routing_key, bodies, window, progress, blocked_timeout, notices, tls
+    ).run()
 
 
 class _Publisher:
@@ -136,6 +144,7 @@ class _Publisher:
         progress: TextIO | None,
         blocked_timeout: float = BLOCKED_TIMEOUT,
         notices: TextIO | None = None,
+        tls: AmqpTlsConfig | None = None,
     ) -> None:
         self.urls = list(urls)
         self.exchange = exchange
@@ -167,6 +176,7 @@ class _Publisher:
         self.blocked_timeout = blocked_timeout
         self.notices = notices
         self.blocked_reason: str | None = None  # the broker's reason while it blocks us
+        self.tls = tls
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> PublishReport:
@@ -194,7 +204,11 @@ class _Publisher:
             return
         url = self.urls[index]
         try:
-            params = parameters(url)
+            params = parameters(url, tls=self.tls)
+        except BrokerError as exc:
+            self.connect_errors.append(f"{mask_url(url)}: {exc}")
+            self._connect(index + 1)
+            return
         except (ValueError, pika.exceptions.AMQPError) as exc:
             self.connect_errors.append(f"{mask_url(url)}: {mask_text(str(exc))}")
             self._connect(index + 1)
