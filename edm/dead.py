@@ -28,7 +28,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from edm.broker import describe, parameters
+from edm.broker import describe, insecure_tls_warning, parameters
 from edm.config import Config
 from edm.errors import BrokerError
 from edm.logs import escape_body
@@ -91,10 +91,13 @@ def _connected(config: Config, action: str) -> Iterator[tuple[pika.BlockingConne
     problems = []
     connection = None
     where = ""
+    warning = insecure_tls_warning(config.amqp.url, config.amqp.tls)
+    if warning:
+        print(f"edm dead: WARNING: {warning}", file=sys.stderr)
     for url in config.amqp.url:
         where = mask_url(url)
         try:
-            params = parameters(url, config.amqp.heartbeat)
+            params = parameters(url, config.amqp.heartbeat, config.amqp.tls)
             params.client_properties = {
                 "connection_name": f"edm dead {action} (pid {os.getpid()})",
                 "product": "edm",

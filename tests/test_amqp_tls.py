@@ -302,3 +302,21 @@ def test_a_certificate_gone_since_the_config_check_is_a_broker_error(tmp_path: P
         parameters("amqps://broker/", tls=tls)
     expected = f"amqp.tls.cert_file: cannot load {tmp_path}/cert.pem and {tmp_path}/key.pem: "
     assert str(caught.value) == expected + "No such file or directory", caught.value
+
+
+def test_edm_dead_talks_tls_like_the_daemon(tls_env: Callable[..., EdmEnv], tls_node: TlsNode) -> None:
+    # Given the private CA, `edm dead` reaches the broker over amqps
+    env = tls_env(tls_node.url(), {"ca_file": str(tls_node.certs / "ca.pem")})
+    listed = env.cli("dead", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.strip().endswith(".dead (the queue does not exist)"), listed.stdout
+    # and with a CA that did not sign the broker's certificate it refuses, saying why
+    env = tls_env(tls_node.url(), {"ca_file": str(tls_node.certs / "other-ca.pem")})
+    refused = env.cli("dead", "list")
+    assert refused.returncode == 1
+    assert f"{tls_node.masked()}: certificate verify failed: " in refused.stderr
+    # and with verify: false it warns once, as `edm publish` does
+    env = tls_env(tls_node.url("127.0.0.1"), {"verify": False})
+    unverified = env.cli("dead", "list")
+    assert unverified.returncode == 0, unverified.stderr
+    assert unverified.stderr.count("edm dead: WARNING: ") == 1, unverified.stderr
