@@ -59,26 +59,40 @@ def _port(plugin: FeePlugin) -> int:
     return int(plugin.endpoint.rsplit(":", 1)[1])
 
 
-def test_a_message_over_the_frame_cap_is_refused_and_the_next_one_served(
-    make_config: Callable[..., Config], databases: Any, start: Any, table: str, root_sql: SQL, zctx: Any
+def test_a_message_over_the_frame_cap_drops_its_connection_and_the_next_client_is_served(
+    make_config: Callable[..., Config],
+    databases: Any,
+    start: Any,
+    table: str,
+    root_sql: SQL,
+    zctx: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = make_config(table=table)
     plugin = start(config, databases(config))
+    cap = plugin._peer_cap
+    assert cap is not None
     dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.RCVTIMEO, 15000)
     dealer.connect(plugin.endpoint)
     try:
-        dealer.send_multipart([b"", b"1,1,1", *([b"x"] * 998)])
-        assert dealer.recv_multipart() == [b"", b"FALSE too many frames"]
-        dealer.send_multipart([b"", *([b"y"] * (MAX_FRAMES - 2))])  # under the cap: as before
+        dealer.send_multipart([b"", *([b"y"] * (MAX_FRAMES - 2))])  # under the cap: answered
         assert dealer.recv_multipart() == [b"", b"FALSE multipart request"]
-        dealer.send_multipart([b"", b"2,2,2"])
-        assert dealer.recv_multipart() == [b"", b"TRUE"]
+        dealer.send_multipart([b"", b"1,1,1", *([b"x"] * 998)])
+        wait_for(lambda: cap.dropped == 1)  # not read to its end on a live connection
     finally:
         dealer.close(0)
+    client = Client(zctx, plugin.endpoint or "")
+    try:
+        assert client.ask(b"2,2,2") == b"TRUE"
+    finally:
+        client.close()
     assert plugin.status()["malformed"] == 2
     assert root_sql(f"SELECT ticket FROM `{table}`") == [(2,)]
+    drops = [r for r in caplog.records if r.message.startswith("Dropped the fee client at 127.0.0.1")]
+    assert len(drops) == 1 and drops[0].levelname == "WARNING"
+    assert f"a message of more than {MAX_FRAMES} frames" in drops[0].message
 
 
 def test_connections_beyond_the_peer_cap_are_shut_as_they_come(

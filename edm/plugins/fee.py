@@ -100,6 +100,10 @@ MAX_HOPS = 4  # routing frames (proxies) a request may carry besides the connect
 MAX_ROUTING_ID = 255  # bytes; ZMTP allows no longer routing id
 MAX_FRAMES = 64  # frames of one message kept; a valid request has at most MAX_HOPS + 3
 MAX_PEERS = 1024  # TCP connections at once; more are shut down as they come
+# Bytes libzmq may read from one connection without the receiver taking a whole message of
+# it: the largest message the receiver looks at (MAX_FRAMES frames of MAX_FRAME), and room.
+MAX_UNFINISHED = MAX_FRAMES * MAX_FRAME + (64 << 10)
+MAX_DROPPED_IDS = 10_000  # routing ids of dropped connections remembered
 LINGER_MS = 500
 IDLE_MS = 100  # without a request for this long the connections go back to the pool
 IN_FLIGHT = 2  # batches being stored at once, each on a pooled connection of its own
@@ -107,6 +111,8 @@ IN_FLIGHT = 2  # batches being stored at once, each on a pooled connection of it
 # pyzmq's flags as plain ints: its enum flags cost more than the calls they are passed to.
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
+# The descriptor of the connection a message came on: deprecated since libzmq 4.3, still there.
+_SRCFD = int(zmq.SRCFD) if hasattr(zmq, "SRCFD") else None
 
 
 @dataclass
@@ -143,6 +149,8 @@ class FeePlugin:
         self._failure: str | None = None  # why the receiver's thread died
         self._gate: Gate | None = None  # CURVE: who may talk to the receiver
         self._peer_cap: PeerCap | None = None
+        self._srcfd = _SRCFD is not None  # the receiver learns each message's connection
+        self._dropped_ids: set[bytes] = set()
         self._tls_checked = False
 
     @property
@@ -339,7 +347,17 @@ class FeePlugin:
         endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         if not endpoint.startswith("tcp://"):
             return None  # ipc: the file's permissions say who connects; inproc: this process
-        return PeerCap(self._router, int(endpoint.rsplit(":", 1)[1]), MAX_PEERS, self._fee.curve is not None)
+        cap = PeerCap(self._router, int(endpoint.rsplit(":", 1)[1]), MAX_PEERS, self._fee.curve is not None)
+        if self._srcfd:
+            cap.guard_messages(MAX_UNFINISHED)
+        else:
+            log.warning(
+                "This libzmq does not tell the connection of a message (ZMQ_SRCFD): a message of "
+                "more than %d frames is read to its end instead of dropping its sender, and an "
+                "unfinished one is not bounded.",
+                MAX_FRAMES,
+            )
+        return cap
 
     def _close_gate(self) -> None:
         if self._gate is not None:
@@ -470,15 +488,51 @@ class FeePlugin:
     def _recv_frames(self) -> list[bytes]:
         """One whole message, without waiting; zmq.Again when there is none. Of a message
         longer than MAX_FRAMES, the first MAX_FRAMES + 1 frames (the one too many tells the
-        caller); the others are read and dropped one by one, never held together."""
+        caller), and its connection is dropped; the other frames, already whole in libzmq's
+        queue, are read and dropped one by one, never held together."""
         recv = self._router.recv
-        frames: list[bytes] = []
-        while True:
+        frame = recv(_NOBLOCK, copy=False)
+        frames = [frame.bytes]
+        cap = self._peer_cap if self._srcfd else None
+        fd = self._source(frame) if cap is not None else -1
+        while frame.more:
             frame = recv(_NOBLOCK, copy=False)
             if len(frames) <= MAX_FRAMES:
                 frames.append(frame.bytes)
-            if not frame.more:
-                return frames
+                if len(frames) > MAX_FRAMES and fd >= 0:
+                    self._drop(fd, frames[0])
+        if fd >= 0:
+            done = cap.done  # type: ignore[union-attr]  # fd >= 0 only with a cap
+            done[fd] = done.get(fd, 0) + 1
+        return frames
+
+    def _source(self, frame: zmq.Frame) -> int:
+        """The descriptor of the connection a message came on (ZMQ_SRCFD); -1 when unknown."""
+        try:
+            return int(frame.get(_SRCFD))  # type: ignore[arg-type]
+        except zmq.ZMQError as exc:
+            self._srcfd = False
+            if self._peer_cap is not None:
+                self._peer_cap.stop_guard()
+            log.warning(
+                "libzmq does not tell the connection of a message (ZMQ_SRCFD: %s): a message of "
+                "more than %d frames is read to its end instead of dropping its sender, and an "
+                "unfinished one is not bounded.",
+                exc,
+                MAX_FRAMES,
+            )
+            return -1
+
+    def _drop(self, fd: int, routing_id: bytes) -> None:
+        """Drop the connection that sent a message over MAX_FRAMES, once per connection (the
+        messages it had queued before carry the same routing id)."""
+        if routing_id in self._dropped_ids:
+            return
+        if len(self._dropped_ids) >= MAX_DROPPED_IDS:
+            self._dropped_ids.clear()
+        self._dropped_ids.add(routing_id)
+        assert self._peer_cap is not None
+        self._peer_cap.drop(fd, f"a message of more than {MAX_FRAMES} frames")
 
     def _send(self, envelope: list[bytes], reply: bytes) -> None:
         send = self._router.send
