@@ -47,23 +47,40 @@ Limits, so that a flood or a hostile peer cannot exhaust memory or the pool:
 * replies to a client that left or does not read are dropped (the ROUTER is not
   mandatory), so a client can never block the receiver.
 
-* at most MAX_FRAMES (64) frames of one message reach Python; the rest of it is read and
-  dropped frame by frame, and the message is answered ``FALSE too many frames`` and counted
-  as malformed. A valid request has at most MAX_HOPS + 3 frames (the connection's routing
-  id, the hops, the empty delimiter, the body); the headroom lets the envelope checks above
-  say what is wrong with a message that is merely odd.
+* at most MAX_FRAMES (64) frames of one message reach Python. A message with more drops
+  its connection at the frame past the cap: the receiver learns the connection of each
+  message from libzmq (ZMQ_SRCFD, the connection's descriptor) and shuts it down
+  (``PeerCap.drop``); libzmq and the kernel then discard what the peer had not yet
+  delivered, unread. What libzmq had already queued of it whole (at most RCVHWM + 1
+  messages) is still read, frame by frame, never held together, and answered
+  ``FALSE too many frames`` (to nobody: the peer is gone) and counted as malformed. A valid
+  request has at most MAX_HOPS + 3 frames (the connection's routing id, the hops, the empty
+  delimiter, the body); the headroom lets the envelope checks above say what is wrong with
+  a message that is merely odd. The drop is logged once per address at WARNING
+  (``Dropped the fee client at ADDRESS:PORT: a message of more than 64 frames``).
+* at most MAX_UNFINISHED (1 MiB + 64 KiB: the largest message the receiver looks at,
+  MAX_FRAMES frames of MAX_FRAME, and room) read by libzmq from one connection without the
+  receiver taking a whole message of it. libzmq hands a multipart message over only once
+  its last frame has come, holds its frames until then (RCVHWM counts whole messages,
+  MAXMSGSIZE one frame) and keeps each short frame in a 64-byte slot: a raw ZMTP peer that
+  never ended a message grew the receiver by some 20 times what it sent. A watch beside the
+  peer cap (``PeerCap.guard_messages``) looks every 50 ms at the bytes libzmq has read from
+  each connection (the kernel's TCP_INFO less its receive queue) and at the whole messages
+  the receiver took from it (counted per descriptor, one dict update a message), and drops
+  a connection past the bound, logged as above (``… bytes without finishing a message``).
 * at most MAX_PEERS (1,024) TCP connections at once (``fee_guard.PeerCap``: libzmq has no
   such option; its socket monitor reports each accepted connection, and one beyond the cap
   is shut down as soon as the report is read, normally before its handshake is over).
 
 So with single-frame requests the receiver holds at most about MAX_PEERS x RCVHWM x
 MAX_FRAME (1 GiB at worst, 1 MiB a connection) in libzmq and one message of MAX_FRAMES
-frames in Python. What stays unbounded is
-the number of frames of one message: libzmq hands a multipart message over only once its
-last frame has come, and holds its frames until then (RCVHWM counts whole messages, and
-MAXMSGSIZE one frame). A peer speaking raw ZMTP can still grow one message without end;
-CURVE (``plugins.fee.curve``) stops that, since a peer without an allowed key never gets
-past the handshake, and so does listening on a trusted interface only.
+frames in Python; an unfinished message holds at most MAX_UNFINISHED of the wire, plus what
+libzmq reads before the next look (measured: 1.9 MB and 40 MiB of memory in one-byte
+frames, against 1.8 GB for 90 MB before the watch). Without ZMQ_SRCFD (a libzmq that drops
+it: it is deprecated since 4.3) the receiver says so at start with a WARNING and reads an
+over-long message to its end instead, and an unfinished one is not bounded; CURVE
+(``plugins.fee.curve``) still stops strangers at the handshake, and so does listening on a
+trusted interface only.
 """
 
 from __future__ import annotations
