@@ -541,8 +541,11 @@ class FeePlugin:
             return -1
 
     def _drop(self, fd: int, routing_id: bytes) -> None:
-        """Drop the connection that sent a message over MAX_FRAMES, once per connection (the
-        messages it had queued before carry the same routing id)."""
+        """Drop the connection that sent a message over MAX_FRAMES, once per connection: the
+        messages it had queued carry the same routing id, and the descriptor may by then hold
+        another peer's connection. (A peer that sets its own routing id to one dropped before,
+        which libzmq allows only once that queue is read, has its long messages read to the
+        end, as without the drop; the unfinished-message watch still applies to it.)"""
         if routing_id in self._dropped_ids:
             return
         if len(self._dropped_ids) >= MAX_DROPPED_IDS:
