@@ -123,7 +123,10 @@ def test_only_an_allowed_key_is_served_and_a_refused_one_is_logged_once(
     stranger_key = zmq.auth.load_certificate(keys.stranger_public)[0].decode()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len([w for w in warnings if stranger_key in w]) == 1, warnings
-    assert len([w for w in warnings if "at 127.0.0.1" in w and "without CURVE" in w]) == 1, warnings
+    # the address is read when the peer cap hears of the connection: a libzmq client on the
+    # loopback may have hung up by then, and is logged as "?" (once, as any address)
+    plain_at = [w.split(" at ")[1] for w in warnings if "without CURVE" in w]
+    assert plain_at and set(plain_at) <= {"127.0.0.1", "?"} and len(set(plain_at)) == len(plain_at), warnings
     assert root_sql(f"SELECT ticket FROM `{table}`") == [(8001,)]
     allowed.send(b"8004,1,1")  # the allowed client is still served
     assert allowed.recv() == b"TRUE"
@@ -149,8 +152,9 @@ def test_a_client_without_curve_that_hangs_up_at_the_greeting_is_logged_once(
         cap = plugin._peer_cap
         assert cap is not None
         port = int((plugin.endpoint or "").rsplit(":", 1)[1])
-        for _ in range(2):
+        for attempt in range(2):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                wait_for(lambda: cap.peers == 1)  # the address is read (a peer gone by then is "?")
                 sock.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03")  # ZMTP 3 signature and major version
                 greeting = b""
                 while len(greeting) < 32:  # up to the server's mechanism
@@ -158,7 +162,7 @@ def test_a_client_without_curve_that_hangs_up_at_the_greeting_is_logged_once(
                     assert data, greeting
                     greeting += data
                 assert greeting[12:32].rstrip(b"\0") == b"CURVE"
-        wait_for(lambda: cap.failed_handshakes >= 2, timeout=30)
+            wait_for(lambda n=attempt + 1: cap.failed_handshakes == n, timeout=30)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len([w for w in warnings if "at 127.0.0.1" in w and "without CURVE" in w]) == 1, warnings
     assert plugin.status()["requests"] == 0

@@ -19,7 +19,9 @@ other's mechanism in the greeting: when the server reads it first, libzmq report
 error (and the client connects again); when the client does, it hangs up for good and libzmq
 reports only a handshake failed "without detail" (the errno of the hang-up). With CURVE on
 both are a refused client, or the client would go unlogged; without CURVE a hang-up during
-the greeting is a peer that left (a port probe), nothing refused.
+the greeting is a peer that left (a port probe), nothing refused. The address is read when
+this thread hears of the connection: a peer gone by then (on a fast link, often) is logged
+as "?", once.
 """
 
 from __future__ import annotations
