@@ -85,6 +85,11 @@ class PluginsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = None  # "host:port" of /metrics and /healthz; None: not served
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     amqp: AmqpConfig
@@ -92,6 +97,7 @@ class Config:
     daemon: DaemonConfig
     database: DatabaseConfig
     plugins: PluginsConfig
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def find_config(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path:
@@ -154,7 +160,7 @@ def load(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
 def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] = os.environ) -> Config:
     """Validate an already parsed document; relative paths resolve against ``path``'s directory."""
     base = path.parent
-    sections = {"amqp", "log", "daemon", "database", "plugins"}
+    sections = {"amqp", "log", "daemon", "database", "plugins", "metrics"}
     _reject_unknown("", raw, sections)
     amqp = _parse_amqp(_section(raw, "amqp"), environ)
     log = _parse_log(_section(raw, "log"), base)
@@ -163,7 +169,8 @@ def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] = os.en
     plugins = _parse_plugins(_section(raw, "plugins"), base)
     if plugins.fee.enabled and database.url is None:
         raise ConfigError("database.url: required when plugins.fee.enabled is true")
-    return Config(path, amqp, log, daemon, database, plugins)
+    metrics = _parse_metrics(_section(raw, "metrics"))
+    return Config(path, amqp, log, daemon, database, plugins, metrics)
 
 
 def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -394,6 +401,23 @@ def _parse_plugins(raw: Mapping[str, Any], base: Path) -> PluginsConfig:
             spool=_path(fee_raw, "spool", "plugins.fee", "../run/fee.spool", base),
         )
     )
+
+
+def _parse_metrics(raw: Mapping[str, Any]) -> MetricsConfig:
+    _reject_unknown("metrics.", raw, _keys(MetricsConfig))
+    listen = _optional_str(raw, "listen", "metrics")
+    if listen is not None:
+        split_listen(listen)
+    return MetricsConfig(listen=listen)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9325`` for IPv6) as (host, port); ConfigError naming metrics.listen."""
+    host, sep, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or " " in host:
+        raise ConfigError(f"metrics.listen: {listen!r} must be host:port, such as 127.0.0.1:9325")
+    return host, int(port)
 
 
 def load_handler(spec: str) -> Callable[..., Any]:
