@@ -1,0 +1,259 @@
+"""metrics.listen: the main process serves Prometheus metrics and a health check.
+
+The integration tests run the real daemon against the real RabbitMQ and scrape it over HTTP;
+the exposition is read with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+from conftest import EdmEnv, free_port, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from edm.config import parse
+from edm.errors import ConfigError
+from edm.metrics import BUCKETS, Latency, Ledger, View, health
+
+NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# Every label edm exports: small, bounded sets (no queue names, no message ids).
+LABELS = {"outcome", "worker", "state", "version", "result", "le"}
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def get(url: str, timeout: float = 5) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def scrape(listen: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``{(sample name, sorted labels): value}`` of one scrape."""
+    status, text = get(f"http://{listen}/metrics")
+    assert status == 200, text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(listen: str, name: str, **labels: str) -> float | None:
+    return scrape(listen).get((name, tuple(sorted(labels.items()))))
+
+
+def messages(listen: str, outcome: str) -> float | None:
+    return value(listen, "edm_messages_total", outcome=outcome)
+
+
+def metrics_env(make_env: Any, overrides: dict[str, Any] | None = None) -> tuple[EdmEnv, str]:
+    listen = f"127.0.0.1:{free_port()}"
+    doc = {"metrics": {"listen": listen}}
+    for section, values in (overrides or {}).items():
+        doc.setdefault(section, {}).update(values)
+    return make_env(doc), listen
+
+
+# -- the config key ------------------------------------------------------------------------------
+
+BASE = {"amqp": {}, "log": {}, "daemon": {}}
+
+
+def test_metrics_listen_is_off_by_default_and_takes_host_port(tmp_path: Any) -> None:
+    path = tmp_path / "mq.yaml"
+    assert parse(BASE, path).metrics.listen is None
+    for good in ("127.0.0.1:9325", "localhost:1", "[::1]:9325", "0.0.0.0:65535"):
+        assert parse({**BASE, "metrics": {"listen": good}}, path).metrics.listen == good
+
+
+@pytest.mark.parametrize("bad", ["9325", "127.0.0.1", ":9325", "127.0.0.1:0", "host:70000", "h:x", 9325, ""])
+def test_a_bad_metrics_listen_names_the_key(tmp_path: Any, bad: Any) -> None:
+    with pytest.raises(ConfigError, match=r"^metrics\.listen: "):
+        parse({**BASE, "metrics": {"listen": bad}}, tmp_path / "mq.yaml")
+
+
+def test_an_unknown_metrics_key_names_itself(tmp_path: Any) -> None:
+    with pytest.raises(ConfigError, match=r"^metrics\.port: unknown key"):
+        parse({**BASE, "metrics": {"port": 9325}}, tmp_path / "mq.yaml")
+
+
+# -- the pieces ----------------------------------------------------------------------------------
+
+
+def test_the_ledger_keeps_a_dead_workers_counts() -> None:
+    ledger = Ledger()
+    ledger.report("consumer", {"handled": 7, "retried": 2, "dead_lettered": 1})
+    ledger.report("consumer", {"handled": 10, "retried": 2, "dead_lettered": 1})
+    ledger.bank("consumer")  # it died; its successor starts from zero
+    assert ledger.totals()["handled"] == 10
+    ledger.report("consumer", {"handled": 3, "retried": 0, "dead_lettered": 0})
+    assert ledger.totals() == {"handled": 13, "retried": 2, "dead_lettered": 1}
+    ledger.bank("consumer")
+    ledger.bank("consumer")  # dying twice without a report adds nothing
+    assert ledger.totals()["handled"] == 13
+
+
+def test_latency_buckets_span_microseconds_to_a_minute() -> None:
+    latency = Latency()
+    for seconds in (0.000004, 0.00001, 0.0003, 2.0, 3600.0):
+        latency.observe(seconds)
+    counts = latency.report()["counts"]
+    assert counts[0] == 2  # 4 µs and exactly 10 µs: "le" includes the bound
+    assert counts[BUCKETS.index(0.0005)] == 1
+    assert counts[BUCKETS.index(2.5)] == 1
+    assert counts[-1] == 1  # above the largest bound: only in +Inf
+    assert BUCKETS[0] <= 0.00001 and BUCKETS[-1] >= 30
+
+
+def test_health_names_every_reason() -> None:
+    running = {"state": "RUNNING", "pid": 10, "connected": True, "activity": "consuming"}
+    assert health(View({"workers": {"consumer": running}})) == (True, "ok")
+    assert health(View()) == (False, "edm is starting")
+    down = {**running, "connected": False, "activity": "backing off"}
+    fatal = {"state": "FATAL", "pid": None, "last_error": "cannot open the log"}
+    ok, text = health(View({"workers": {"consumer": down, "plugins": fatal}}))
+    assert not ok
+    assert text == (
+        "the consumer is not connected to the broker (backing off); "
+        "the plugins worker is FATAL: cannot open the log"
+    )
+
+
+# -- the daemon ----------------------------------------------------------------------------------
+
+
+def test_counters_survive_a_killed_consumer(make_env: Any) -> None:
+    env, listen = metrics_env(make_env)
+    env.start()
+    wait_for(lambda: get(f"http://{listen}/healthz") == (200, "ok\n"))  # RUNNING after STARTSECS
+    # Given 1,000 messages handled
+    env.publish([f"m{i}".encode() for i in range(1000)])
+    wait_for(lambda: messages(listen, "ok") == 1000, timeout=60)
+    assert value(listen, "edm_worker_restarts_total", worker="consumer") == 0
+    assert value(listen, "edm_handler_seconds_count") == 1000
+    # When the consumer is killed, the endpoint answers meanwhile and never counts back
+    worker = env.worker_pid()
+    assert worker is not None
+    os.kill(worker, signal.SIGKILL)
+    seen: list[float | None] = []
+
+    def restarted() -> bool:
+        seen.append(messages(listen, "ok"))
+        return value(listen, "edm_worker_restarts_total", worker="consumer") == 1
+
+    wait_for(restarted, timeout=30)
+    env.wait_consuming()
+    env.publish([f"n{i}".encode() for i in range(500)])
+    # Then the counters go on from where they were
+    wait_for(lambda: messages(listen, "ok") == 1500, timeout=60)
+    assert seen and all(v == 1000 for v in seen), seen
+    assert value(listen, "edm_handler_seconds_count") == 1500
+    assert value(listen, "edm_consumer_connected", worker="consumer") == 1
+    assert value(listen, "edm_queue_messages_ready") is not None
+    assert messages(listen, "dead_lettered") == 0
+    assert env.cli("stop").returncode == 0
+
+
+def test_retries_and_dead_letters_are_counted_as_they_happen(make_env: Any) -> None:
+    env, listen = metrics_env(
+        make_env, {"amqp": {"handler": "edm_test_handlers:fail_poison", "max_retries": 2}}
+    )
+    env.start()
+    env.publish([b"poison 1", b"good 1", b"poison 2", b"good 2", b"poison 3"])
+    wait_for(lambda: messages(listen, "dead_lettered") == 3, timeout=60)
+    # each poison message was retried twice, then dead-lettered once; the good ones are ok
+    assert messages(listen, "retried") == 6
+    assert messages(listen, "ok") == 2
+    assert messages(listen, "rejected") == 0
+    assert len(env.drain_queue(f"{env.queue}.dead")) == 3
+    assert value(listen, "edm_handler_seconds_count") == 5  # first calls; retries are not timed
+    assert env.cli("stop").returncode == 0
+
+
+def test_every_name_and_label_follows_the_prometheus_rules(make_env: Any) -> None:
+    env, listen = metrics_env(make_env)
+    env.start()
+    env.publish([b"one"])
+    wait_for(lambda: messages(listen, "ok") == 1)
+    status, text = get(f"http://{listen}/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    expected = {
+        "edm_messages": "counter",
+        "edm_handler_seconds": "histogram",
+        "edm_worker_restarts": "counter",
+        "edm_worker_state": "gauge",
+        "edm_consumer_connected": "gauge",
+        "edm_queue_messages_ready": "gauge",
+        "edm_build_info": "gauge",
+    }
+    assert {name: families[name].type for name in expected if name in families} == expected
+    for family in families.values():
+        assert family.name.startswith("edm_") and NAME.match(family.name), family.name
+        assert family.documentation, family.name
+        for sample in family.samples:
+            assert NAME.match(sample.name)
+            if family.type == "counter":
+                assert sample.name == family.name + "_total", sample.name
+            else:
+                assert not sample.name.endswith("_total"), sample.name
+            for label in sample.labels:
+                assert LABEL.match(label) and not label.startswith("__"), label
+                assert label in LABELS, label
+    # base units: seconds, never milli- or microseconds
+    assert not [n for n in families if re.search(r"(milli|micro|_ms$|_us$)", n)]
+    outcomes = {s.labels["outcome"] for s in families["edm_messages"].samples}
+    assert outcomes == {"ok", "retried", "dead_lettered", "rejected"}
+    assert env.cli("stop").returncode == 0
+
+
+def test_a_port_in_use_is_a_start_error_naming_the_key(make_env: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        env = make_env({"metrics": {"listen": listen}})
+        result = env.cli("start")
+    assert result.returncode == 1
+    assert f"metrics.listen: cannot listen on {listen}: Address already in use" in result.stderr
+    assert env.main_pid() is None or not env.all_pids()
+
+
+def test_a_reload_moves_the_endpoint_and_metrics_are_off_by_default(make_env: Any) -> None:
+    env = make_env()
+    env.start()
+    listen = f"127.0.0.1:{free_port()}"
+    with pytest.raises(urllib.error.URLError):
+        get(f"http://{listen}/metrics", timeout=2)
+    env.doc["metrics"] = {"listen": listen}
+    env.write_config()
+    assert env.cli("reload").returncode == 0
+    wait_for(lambda: _answer(listen) == (200, "ok\n"), timeout=15)
+    # the old endpoint closes when a reload moves it
+    other = f"127.0.0.1:{free_port()}"
+    env.doc["metrics"] = {"listen": other}
+    env.write_config()
+    assert env.cli("reload").returncode == 0
+    wait_for(lambda: _answer(other), timeout=15)
+    with pytest.raises(urllib.error.URLError):
+        get(f"http://{listen}/metrics", timeout=2)
+    assert env.cli("stop").returncode == 0
+
+
+def _answer(listen: str) -> tuple[int, str] | None:
+    try:
+        return get(f"http://{listen}/healthz", timeout=2)
+    except urllib.error.URLError:
+        return None
