@@ -7,15 +7,21 @@ the exposition is read with prometheus_client's own parser.
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
+import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EdmEnv, free_port, wait_for
+import zmq
+from conftest import ROOT, EdmEnv, alive, free_port, wait_for
+from netutil import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from edm.config import parse
@@ -257,3 +263,137 @@ def _answer(listen: str) -> tuple[int, str] | None:
         return get(f"http://{listen}/healthz", timeout=2)
     except urllib.error.URLError:
         return None
+
+
+def test_healthz_is_503_with_the_reason_while_a_worker_is_fatal(make_env: Any) -> None:
+    env, listen = metrics_env(make_env)
+    env.start()
+    wait_for(lambda: get(f"http://{listen}/healthz") == (200, "ok\n"))
+    # Given a log directory the next consumer cannot open (a file stands in its place)
+    log_dir = env.log_dir
+    parked = log_dir.with_name("logs-parked")
+    log_dir.rename(parked)
+    log_dir.write_text("not a directory\n")
+    try:
+        worker = env.worker_pid()
+        assert worker is not None
+        os.kill(worker, signal.SIGKILL)
+        # Then the supervisor gives up on it, and the endpoint says so
+        wait_for(lambda: value(listen, "edm_worker_state", worker="consumer", state="FATAL") == 1, 30)
+        status, text = get(f"http://{listen}/healthz")
+        assert status == 503
+        assert text.startswith("the consumer worker is FATAL: "), text
+        assert value(listen, "edm_consumer_connected", worker="consumer") == 0
+        assert value(listen, "edm_worker_restarts_total", worker="consumer") >= 1  # type: ignore[operator]
+    finally:
+        log_dir.unlink()
+        parked.rename(log_dir)
+    # When the cause is fixed and edm reloaded, it is healthy again
+    assert env.cli("reload").returncode == 0
+    wait_for(lambda: get(f"http://{listen}/healthz") == (200, "ok\n"), timeout=20)
+    assert env.cli("stop").returncode == 0
+
+
+def test_fee_requests_and_spool_are_exported_and_survive_a_restart(make_env: Any, table: str) -> None:
+    port = free_port()
+    env, listen = metrics_env(
+        make_env,
+        {
+            "database": {"url": "mysql://root@127.0.0.1:3306/test", "pool_size": 4},
+            "plugins": {"fee": {"enabled": True, "listen": f"tcp://127.0.0.1:{port}", "table": table}},
+        },
+    )
+    env.start()
+    wait_for(lambda: env.worker_pid("plugins") is not None)
+
+    def ask(*bodies: bytes) -> None:
+        client = Client(zmq.Context.instance(), f"tcp://127.0.0.1:{port}")
+        try:
+            for body in bodies:
+                client.ask(body)
+        finally:
+            client.close()
+
+    def fee(result: str) -> float | None:
+        return value(listen, "edm_fee_requests_total", result=result)
+
+    ask(b"1001,7,1.5", b"1002,7,2", b"1001,7,1.5", b"12,abc,1")
+    wait_for(lambda: fee("stored") == 3 and fee("malformed") == 1, timeout=15)
+    assert fee("duplicates") == 1
+    assert (fee("spooled"), fee("busy")) == (0, 0)
+    assert value(listen, "edm_fee_spool_pending") == 0
+    # a killed plugin worker does not take its counts along
+    worker = env.worker_pid("plugins")
+    assert worker is not None
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: value(listen, "edm_worker_restarts_total", worker="plugins") == 1, timeout=30)
+    wait_for(lambda: env.worker_pid("plugins") not in (None, worker), timeout=30)
+    ask(b"1003,8,1")
+    wait_for(lambda: fee("stored") == 4, timeout=15)
+    assert fee("malformed") == 1
+    assert env.cli("stop").returncode == 0
+
+
+# -- a broker of the test's own, stopped while edm runs -----------------------------------------
+
+SCRIPT = ROOT / "scripts" / "rabbit-cluster"
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
+    """One RabbitMQ node of the test's own (scripts/rabbit-cluster --nodes 1), never the system's;
+    yields ``run(*args)`` for the script's commands, ``urls`` giving its AMQP URL. Torn down
+    by the PIDs the node recorded."""
+    directory = tmp_path / "broker"
+    for _ in range(100):
+        base = random.randrange(20000, 30000, 10)
+        if all(port_free(p) for p in [base, base + 100, base + 200, *range(base + 300, base + 340)]):
+            break
+    else:
+        raise AssertionError("no free block of ports for the test's broker")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [str(SCRIPT), "--dir", str(directory), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=180)
+
+    try:
+        up = run("--base", str(base), "--nodes", "1", "up")
+        assert up.returncode == 0, up.stderr
+        yield run
+    finally:
+        pids = [int(p.read_text()) for p in directory.glob("node*/rabbitmq.pid") if p.read_text().strip()]
+        down = run("down")
+        assert down.returncode == 0, down.stderr
+        assert not [pid for pid in pids if alive(pid)], "the test's broker is left running"
+
+
+@pytest.mark.slow
+def test_healthz_is_503_while_the_broker_is_stopped(make_env: Any, private_broker: Any) -> None:
+    url = private_broker("urls").stdout.split()[0]
+    env, listen = metrics_env(make_env, {"amqp": {"url": url}})
+    assert env.cli("start").returncode == 0
+    wait_for(lambda: get(f"http://{listen}/healthz") == (200, "ok\n"), timeout=30)
+    assert value(listen, "edm_consumer_connected", worker="consumer") == 1
+    # When the broker stops, edm is not ready for work, says why, and goes on answering
+    stop = private_broker("stop", "1")
+    assert stop.returncode == 0, stop.stderr
+    wait_for(lambda: get(f"http://{listen}/healthz")[0] == 503, timeout=60)
+    status, text = get(f"http://{listen}/healthz")
+    assert status == 503
+    assert text.startswith("the consumer is not connected to the broker ("), text
+    assert value(listen, "edm_consumer_connected", worker="consumer") == 0
+    # And once the broker is back, so is the health
+    start = private_broker("start", "1")
+    assert start.returncode == 0, start.stderr
+    wait_for(lambda: get(f"http://{listen}/healthz") == (200, "ok\n"), timeout=60)
+    assert value(listen, "edm_worker_restarts_total", worker="consumer") == 0
+    assert env.cli("stop").returncode == 0
