@@ -6,6 +6,7 @@ the exposition is read with prometheus_client's own parser.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -13,12 +14,14 @@ import signal
 import socket
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 import zmq
 from conftest import ROOT, EdmEnv, alive, free_port, wait_for
 from netutil import Client
@@ -396,4 +399,70 @@ def test_healthz_is_503_while_the_broker_is_stopped(make_env: Any, private_broke
     assert start.returncode == 0, start.stderr
     wait_for(lambda: get(f"http://{listen}/healthz") == (200, "ok\n"), timeout=60)
     assert value(listen, "edm_worker_restarts_total", worker="consumer") == 0
+    assert env.cli("stop").returncode == 0
+
+
+# -- a real Prometheus server scrapes edm -------------------------------------------------------
+
+
+def prometheus_query(port: int, query: str) -> list[dict[str, Any]]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    try:
+        status, text = get(url)
+    except urllib.error.URLError:
+        return []  # not listening yet
+    if status != 200:
+        return []
+    doc = json.loads(text)
+    assert doc["status"] == "success", doc
+    result: list[dict[str, Any]] = doc["data"]["result"]
+    return result
+
+
+@pytest.mark.slow
+def test_a_prometheus_server_scrapes_edm(make_env: Any, tmp_path: Path) -> None:
+    env, listen = metrics_env(make_env)
+    env.start()
+    env.publish([f"p{i}".encode() for i in range(300)])
+    wait_for(lambda: messages(listen, "ok") == 300, timeout=60)
+    # Given Prometheus on a loopback port with a data dir of its own, scraping edm every second
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [{"job_name": "edm", "static_configs": [{"targets": [listen]}]}],
+            }
+        )
+    )
+    server = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "prometheus.log").open("wb"),
+    )
+    try:
+        # When it has scraped edm twice (successfully)
+        def scraped_twice() -> bool:
+            rows = prometheus_query(port, 'sum_over_time(up{job="edm"}[1m])')
+            return bool(rows) and float(rows[0]["value"][1]) >= 2
+
+        wait_for(scraped_twice, timeout=60, interval=0.5)
+        # Then its API gives edm's count
+        rows = prometheus_query(port, 'edm_messages_total{outcome="ok"}')
+        assert [(r["metric"]["job"], r["value"][1]) for r in rows] == [("edm", "300")]
+        rows = prometheus_query(port, 'edm_build_info{job="edm"}')
+        assert len(rows) == 1 and rows[0]["metric"]["version"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
     assert env.cli("stop").returncode == 0
