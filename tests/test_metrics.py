@@ -25,11 +25,12 @@ import yaml
 import zmq
 from conftest import ROOT, EdmEnv, alive, free_port, wait_for
 from netutil import Client
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edm.config import parse
 from edm.errors import ConfigError
-from edm.metrics import BUCKETS, Latency, Ledger, View, health
+from edm.metrics import BUCKETS, FEE_RESULTS, Exporter, Latency, Ledger, View, health
 
 NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -466,3 +467,59 @@ def test_a_prometheus_server_scrapes_edm(make_env: Any, tmp_path: Path) -> None:
             server.kill()
             server.wait()
     assert env.cli("stop").returncode == 0
+
+
+# -- contrib: the dashboard and the alert rules --------------------------------------------------
+
+CONTRIB = ROOT / "contrib"
+
+
+def exported_names() -> set[str]:
+    """Every sample and family name edm's collector exports, with every worker and the fee plugin."""
+    exporter = Exporter()
+    consumer = {"state": "RUNNING", "pid": 2, "connected": True, "queue_depth": 0, "restarts": 0}
+    fee = {"state": "running", "spool_pending": 0, **dict.fromkeys(FEE_RESULTS, 0)}
+    plugins = {"state": "RUNNING", "pid": 3, "restarts": 0, "plugins": {"fee": fee}}
+    exporter.ledger.report("consumer", {"handled": 1, "latency": Latency().report()})
+    exporter.publish({"workers": {"consumer": consumer, "plugins": plugins}})
+    text = generate_latest(exporter.registry).decode()
+    families = list(text_string_to_metric_families(text))
+    return {f.name for f in families} | {s.name for f in families for s in f.samples}
+
+
+def test_the_grafana_dashboard_names_only_metrics_edm_exports() -> None:
+    dashboard = json.loads((CONTRIB / "grafana" / "edm.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    for query in dashboard["templating"]["list"]:
+        if isinstance(query.get("query"), dict):
+            exprs.append(query["query"]["query"])
+    used = {name for expr in exprs for name in re.findall(r"\bedm_[a-z_]+", expr)}
+    assert used - exported_names() == set()
+    # the panels the dashboard promises
+    titles = " | ".join(p["title"] for p in dashboard["panels"])
+    for needed in ("by outcome", "latency", "Queue depth", "restarts", "Fee requests", "spool"):
+        assert needed in titles, needed
+    assert {"edm_messages_total", "edm_handler_seconds_bucket", "edm_fee_spool_pending"} <= used
+
+
+def test_the_alert_rules_pass_promtool_and_name_only_metrics_edm_exports() -> None:
+    rules = CONTRIB / "prometheus" / "edm.rules.yml"
+    check = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # the alerts fire when they should (promtool's rule unit tests)
+    tests = CONTRIB / "prometheus" / "edm.rules.test.yml"
+    unit = subprocess.run(["promtool", "test", "rules", str(tests)], capture_output=True, text=True)
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+    config = subprocess.run(
+        ["promtool", "check", "config", str(CONTRIB / "prometheus" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert config.returncode == 0, config.stdout + config.stderr
+    doc = yaml.safe_load(rules.read_text())
+    alerts = {r["alert"]: r["expr"] for g in doc["groups"] for r in g["rules"]}
+    assert {"EdmConsumerDisconnected", "EdmDeadLettersRising", "EdmFeeSpoolPending", "EdmWorkerFatal"} <= set(
+        alerts
+    )
+    used = {name for expr in alerts.values() for name in re.findall(r"\bedm_[a-z_]+", expr)}
+    assert used - exported_names() == set()
