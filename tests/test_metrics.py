@@ -259,6 +259,17 @@ def test_a_reload_moves_the_endpoint_and_metrics_are_off_by_default(make_env: An
     wait_for(lambda: _answer(other), timeout=15)
     with pytest.raises(urllib.error.URLError):
         get(f"http://{listen}/metrics", timeout=2)
+    # a port in use at a reload is an error in the log; the running endpoint stays
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        env.doc["metrics"] = {"listen": busy}
+        env.write_config()
+        assert env.cli("reload").returncode == 0
+        refused = f"metrics.listen: cannot listen on {busy}: Address already in use; keeping {other}."
+        wait_for(lambda: refused in env.log_text())
+    assert _answer(other) is not None
     assert env.cli("stop").returncode == 0
 
 
