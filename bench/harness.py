@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -324,7 +327,7 @@ def wait_lines(
 class EdmDaemon:
     """One edm started with ``python -m edm --config <file> start``, its config in ``base``."""
 
-    def __init__(self, base: Path, url: str, name: str, prefetch: int) -> None:
+    def __init__(self, base: Path, url: str, name: str, prefetch: int, metrics: bool = False) -> None:
         self.base = base
         self.name = name
         self.config_path = base / "config" / "mq.yaml"
@@ -334,6 +337,12 @@ class EdmDaemon:
             "log": {"dir": "../logs", "name": "edm"},
             "daemon": {"pidfile": "../run/edm.pid", "stop_timeout": 30},
         }
+        self.listen: str | None = None
+        if metrics:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.listen = f"127.0.0.1:{s.getsockname()[1]}"
+            doc["metrics"] = {"listen": self.listen}
         self.config_path.write_text(yaml.safe_dump(doc), encoding="utf-8")
         self.config_path.chmod(0o600)
         self.log_dir = base / "logs"
@@ -412,6 +421,34 @@ class EdmDaemon:
                 except ProcessLookupError:
                     pass
         return killed
+
+
+class Scraper:
+    """GET /metrics once a second from a thread, as a Prometheus would (counts the scrapes)."""
+
+    def __init__(self, listen: str, interval: float = 1.0) -> None:
+        self.url = f"http://{listen}/metrics"
+        self.interval = interval
+        self.scrapes = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-scraper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    response.read()
+                self.scrapes += 1
+            except OSError:
+                self.errors += 1
+            if self._stop.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def unique_name(tag: str, what: str) -> str:

@@ -50,6 +50,16 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             "×",
         ),
     ]
+    for prefetch in (1, 50):  # the metrics issue: the cost of metrics.listen, same run
+        targets.append(
+            _target(
+                f"edm p{prefetch} with metrics / without",
+                _ratio(_rate(results, f"metrics-p{prefetch}"), _rate(results, f"edm-p{prefetch}")),
+                ">=",
+                0.97,
+                "×",
+            )
+        )
     fee = results.get("fee", {})
     targets.append(
         _target(

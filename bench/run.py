@@ -13,8 +13,8 @@ message was written exactly once and that the queue is left empty. References an
 interleaved and the median of ``--reps`` runs is reported.
 
 Also: publish→logged latency at a steady rate, RSS of each edm process, ``edm publish`` rate
-and the fee path (bench/fee.py). Skippable parts: blocking, select, plain, php, edm, prefetch50,
-latency, rss, publish, fee. See bench/README.md for what each number means.
+and the fee path (bench/fee.py). Skippable parts: blocking, select, plain, php, edm, metrics,
+prefetch50, latency, rss, publish, fee. See bench/README.md for what each number means.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from harness import (
     Broker,
     EdmDaemon,
     LogWatch,
+    Scraper,
     Sentinel,
     bodies,
     broker_pid,
@@ -57,13 +58,26 @@ from harness import (
 from report import evaluate, render
 
 BENCH = Path(__file__).resolve().parent
-PARTS = ("blocking", "select", "plain", "php", "edm", "prefetch50", "latency", "rss", "publish", "fee")
+PARTS = (
+    "blocking",
+    "select",
+    "plain",
+    "php",
+    "edm",
+    "metrics",
+    "prefetch50",
+    "latency",
+    "rss",
+    "publish",
+    "fee",
+)
 CONSUMER_NAMES = {
     "blocking": "pika BlockingConnection",
     "select": "pika SelectConnection",
     "plain": "plain socket loop (floor)",
     "php": "php-amqp consume()",
     "edm": "edm (daemon)",
+    "metrics": "edm (daemon), metrics.listen on, scraped every second",
 }
 FEE_CLIENTS = 16
 ATTEMPTS = 3
@@ -87,8 +101,8 @@ class Bench:
         path.mkdir(parents=True)
         return path
 
-    def daemon(self, name: str, prefetch: int) -> EdmDaemon:
-        d = EdmDaemon(self.workdir(name), self.broker.url, name, prefetch)
+    def daemon(self, name: str, prefetch: int, metrics: bool = False) -> EdmDaemon:
+        d = EdmDaemon(self.workdir(name), self.broker.url, name, prefetch, metrics)
         self.daemons.append(d)
         return d
 
@@ -145,9 +159,15 @@ class Running:
     watch: LogWatch
     daemon: EdmDaemon | None = None
     proc: subprocess.Popen[bytes] | None = None
+    scraper: Scraper | None = None
 
     def finish(self) -> None:
         """Stop edm gracefully, or let the reference exit after its last message."""
+        if self.scraper is not None:
+            self.scraper.stop()
+            if not self.scraper.scrapes or self.scraper.errors:
+                self.abort()
+                raise BenchError(f"/metrics: {self.scraper.scrapes} scrapes, {self.scraper.errors} failed")
         try:
             if self.daemon is not None:
                 self.daemon.stop()
@@ -160,6 +180,8 @@ class Running:
             raise
 
     def abort(self) -> None:
+        if self.scraper is not None:
+            self.scraper.stop()
         if self.daemon is not None:
             self.daemon.kill()
         if self.proc is not None and self.proc.poll() is None:
@@ -168,9 +190,12 @@ class Running:
 
 
 def start_consumer(b: Bench, kind: str, name: str, prefetch: int, count: int) -> Running:
-    if kind == "edm":
-        daemon = b.daemon(name, prefetch)
-        return Running(kind, daemon.start(), daemon.watch(), daemon=daemon)
+    if kind in ("edm", "metrics"):
+        daemon = b.daemon(name, prefetch, metrics=kind == "metrics")
+        running = Running(kind, daemon.start(), daemon.watch(), daemon=daemon)
+        if daemon.listen is not None:
+            running.scraper = Scraper(daemon.listen)
+        return running
     directory = b.workdir(name)
     command = reference_command(b, kind, name, prefetch, count, directory / "ref.log")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -308,9 +333,9 @@ def open_sentinel(url: str, timeout: float = 60) -> Sentinel:
 
 def consumer_plan(b: Bench, php: str | None) -> list[tuple[str, int]]:
     skip = b.args.skip
-    plan = [("blocking", 1), ("edm", 1), ("select", 1), ("plain", 1), ("php", 1)]
+    plan = [("blocking", 1), ("edm", 1), ("metrics", 1), ("select", 1), ("plain", 1), ("php", 1)]
     if "prefetch50" not in skip:
-        plan += [("blocking", 50), ("edm", 50)]
+        plan += [("blocking", 50), ("edm", 50), ("metrics", 50)]
     return [(k, p) for k, p in plan if k not in skip and (k != "php" or php)]
 
 

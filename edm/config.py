@@ -121,6 +121,11 @@ class PluginsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = None  # "host:port" of /metrics and /healthz; None: not served
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     amqp: AmqpConfig
@@ -128,6 +133,7 @@ class Config:
     daemon: DaemonConfig
     database: DatabaseConfig
     plugins: PluginsConfig
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def find_config(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path:
@@ -190,7 +196,7 @@ def load(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
 def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] = os.environ) -> Config:
     """Validate an already parsed document; relative paths resolve against ``path``'s directory."""
     base = path.parent
-    sections = {"amqp", "log", "daemon", "database", "plugins"}
+    sections = {"amqp", "log", "daemon", "database", "plugins", "metrics"}
     _reject_unknown("", raw, sections)
     amqp = _parse_amqp(_section(raw, "amqp"), environ, base)
     log = _parse_log(_section(raw, "log"), base)
@@ -199,7 +205,8 @@ def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] = os.en
     plugins = _parse_plugins(_section(raw, "plugins"), base)
     if plugins.fee.enabled and database.url is None:
         raise ConfigError("database.url: required when plugins.fee.enabled is true")
-    return Config(path, amqp, log, daemon, database, plugins)
+    metrics = _parse_metrics(_section(raw, "metrics"))
+    return Config(path, amqp, log, daemon, database, plugins, metrics)
 
 
 def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -572,6 +579,23 @@ def _parse_curve(raw: Any, base: Path) -> FeeCurve | None:
     if not os.access(clients, os.R_OK | os.X_OK):
         raise ConfigError(f"plugins.fee.curve.clients_dir: {clients}: not readable")
     return FeeCurve(secret, clients)
+
+
+def _parse_metrics(raw: Mapping[str, Any]) -> MetricsConfig:
+    _reject_unknown("metrics.", raw, _keys(MetricsConfig))
+    listen = _optional_str(raw, "listen", "metrics")
+    if listen is not None:
+        split_listen(listen)
+    return MetricsConfig(listen=listen)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9325`` for IPv6) as (host, port); ConfigError naming metrics.listen."""
+    host, sep, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or " " in host:
+        raise ConfigError(f"metrics.listen: {listen!r} must be host:port, such as 127.0.0.1:9325")
+    return host, int(port)
 
 
 def load_handler(spec: str) -> Callable[..., Any]:

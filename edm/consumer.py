@@ -34,6 +34,7 @@ from edm.config import AmqpConfig
 from edm.errors import BrokerError, LogWriteError
 from edm.fastlane import FastLaneConnection, Lane, decode_properties
 from edm.ioloop import FlushingIOLoop
+from edm.metrics import Latency
 from edm.redact import mask_url
 from edm.topology import helper_queue_arguments, inequivalent_helper
 
@@ -167,6 +168,8 @@ class Consumer:
         self.slow_after = min(1.0, heartbeat / 4) if heartbeat > 0 else 1.0
         self.handled = 0
         self.dead = 0
+        self.retried = 0  # handler calls after a failure (each retry counts)
+        self.latency = Latency()  # handler call durations, shipped with the status reports
         self.connected_url: str | None = None
         self.since = time.time()
         self.queue_depth: int | None = None  # messages ready in the queue; None while unknown
@@ -239,6 +242,9 @@ class Consumer:
             "state": self._state,
             "handled": self.handled,
             "dead_lettered": self.dead,
+            "retried": self.retried,
+            "latency": self.latency.report(),
+            "connected": self.connected_url is not None,
             "queue": self.amqp.queue,
             "queue_depth": self.queue_depth,
             # the broker in use, or the one being tried while connecting or backing off
@@ -635,13 +641,16 @@ class Consumer:
         return self._busy_since is not None and self._running
 
     def _handle(self, message: Message) -> _Outcome:
+        started = time.perf_counter()
         try:
             self.handler(message)
-            return _OK
         except LogWriteError as exc:  # the disk's fault, not the message's
             return _Outcome("held", error=str(exc), failure=exc)
         except Exception as exc:  # noqa: BLE001 - any handler failure is retried or dead-lettered
+            self.latency.observe(time.perf_counter() - started)
             return self._retry(message, exc)
+        self.latency.observe(time.perf_counter() - started)
+        return _OK
 
     def _retry(self, message: Message, exc: Exception) -> _Outcome:
         attempts = 1
@@ -661,6 +670,7 @@ class Consumer:
                 return _Outcome("requeue", error=error, attempts=attempts)
             delay = min(delay * 2, RETRY_DELAY_MAX)
             attempts += 1
+            self.retried += 1
             try:
                 self.handler(message)
                 return _Outcome("ok", attempts=attempts)

@@ -140,6 +140,7 @@ def consumer_main(config: Config, conn: Connection) -> int:
     send_event(conn, "ready", pid=os.getpid())
     consumer.start()
     consumer.run()
+    send_event(conn, "state", **consumer.snapshot())  # the last counts, for the metrics
     log.info("The consumer stopped (%d messages handled).", consumer.handled)
     return EXIT_OK
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from edm import __version__, plugins
+from edm import __version__, metrics, plugins
 from edm.config import Config, load
 from edm.errors import ConfigError
 from edm.logs import DailyLog
@@ -78,6 +78,7 @@ class Supervisor:
         self.started = time.time()
         self.state_file = status_path(config.daemon.pidfile)
         self._next_state = 0.0
+        self.exporter = metrics.Exporter()
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -90,6 +91,10 @@ class Supervisor:
             (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
         )
         log.info("edm %s starting (pid %d, config %s).", __version__, os.getpid(), self.config.path)
+        try:
+            self.exporter.start(self.config.metrics.listen)
+        except OSError as exc:
+            return str(exc)
         for name in self.wanted():
             self.workers[name] = Worker(name)
             self._spawn(self.workers[name])
@@ -116,6 +121,7 @@ class Supervisor:
 
     def _close_in_child(self) -> None:
         self.pidfile.close_inherited()
+        self.exporter.close_in_child()
         for w in self.workers.values():
             if w.conn is not None:
                 w.conn.close()
@@ -147,6 +153,8 @@ class Supervisor:
         self._reap()
         if time.monotonic() >= self._next_state:
             self._write_state()
+        if self.exporter.listen is not None:
+            self.exporter.publish(self.snapshot())
 
     def _on_signal(self, sig: int) -> None:
         if sig in (signal.SIGTERM, signal.SIGINT):
@@ -181,6 +189,7 @@ class Supervisor:
                     if event.get("state") != worker.info.get("state"):
                         self._next_state = 0.0  # a change of activity shows in status at once
                     worker.info = event
+                    self.exporter.ledger.report(worker.name, event)
         except (EOFError, OSError):
             worker.conn.close()
             worker.conn = None
@@ -203,6 +212,7 @@ class Supervisor:
             if worker.conn is not None:
                 worker.conn.close()
         worker.pid, worker.conn = None, None
+        self.exporter.ledger.bank(worker.name)  # its counts stay counted; the next life adds to them
         if worker.state == "STOPPING":
             worker.state = "STOPPED"
             return
@@ -260,6 +270,11 @@ class Supervisor:
         logging.getLogger().setLevel(lc.level)
         self.config = new
         log.info("Reloaded the config from %s.", new.path)
+        try:
+            self.exporter.start(new.metrics.listen)
+        except OSError as exc:
+            log.error("%s; keeping %s.", exc, self.exporter.listen or "metrics off")
+        self.exporter.publish(self.snapshot())
         wanted = self.wanted()
         for name in wanted:
             worker = self.workers.setdefault(name, Worker(name))
@@ -313,6 +328,7 @@ class Supervisor:
                 os.waitpid(worker.pid, 0)
                 worker.pid = None
         remove_state(self.state_file)
+        self.exporter.stop()
         log.info("edm stopped (pid %d).", os.getpid())
         return 0
 
@@ -328,7 +344,7 @@ class Supervisor:
             "stopping": self.stopping,
             "workers": {
                 name: {
-                    **{k: v for k, v in w.info.items() if k != "state"},
+                    **{k: v for k, v in w.info.items() if k not in ("state", "latency")},
                     # a dead worker does nothing, whatever it last reported
                     "activity": w.info.get("state") if w.pid is not None else None,
                     "pid": w.pid,

@@ -41,7 +41,8 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_every_throughput_run_logs_each_message_once_and_empties_its_queue(quick: dict[str, Any]) -> None:
     throughput = quick["throughput"]
-    assert {"blocking-p1", "select-p1", "plain-p1", "edm-p1", "blocking-p50", "edm-p50"} <= set(throughput)
+    expected = {"blocking-p1", "select-p1", "plain-p1", "edm-p1", "blocking-p50", "edm-p50"}
+    assert expected | {"metrics-p1", "metrics-p50"} <= set(throughput)
     for key, consumer in throughput.items():
         assert consumer["ok"], key
         for run in consumer["runs"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -115,15 +116,56 @@ def test_only_an_allowed_key_is_served_and_a_refused_one_is_logged_once(
             sock.send(b"8002,1,1")
         gate, cap = plugin._gate, plugin._peer_cap
         assert gate is not None and cap is not None
+        # a CURVE client refused by the Gate does not try again: 6 refusals; a client without
+        # CURVE is refused at least once (again and again while the server is first to read
+        # the other's mechanism in the greeting)
         wait_for(lambda: gate.refused >= 6 and cap.failed_handshakes >= 6, timeout=30)
     stranger_key = zmq.auth.load_certificate(keys.stranger_public)[0].decode()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len([w for w in warnings if stranger_key in w]) == 1, warnings
-    assert len([w for w in warnings if "at 127.0.0.1" in w and "without CURVE" in w]) == 1, warnings
+    # the address is read when the peer cap hears of the connection: a libzmq client on the
+    # loopback may have hung up by then, and is logged as "?" (once, as any address)
+    plain_at = [w.split(" at ")[1] for w in warnings if "without CURVE" in w]
+    assert plain_at and set(plain_at) <= {"127.0.0.1", "?"} and len(set(plain_at)) == len(plain_at), warnings
     assert root_sql(f"SELECT ticket FROM `{table}`") == [(8001,)]
     allowed.send(b"8004,1,1")  # the allowed client is still served
     assert allowed.recv() == b"TRUE"
     assert plugin.status()["requests"] == 2  # nothing of the refused ones reached the receiver
+
+
+def test_a_client_without_curve_that_hangs_up_at_the_greeting_is_logged_once(
+    tmp_path: Path,
+    keys: Keys,
+    table: str,
+    databases: Callable[[Config], Database],
+    plugins: Callable[[Config, Database], FeePlugin],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A libzmq client without CURVE that reads the server's mechanism before the server reads
+    its own hangs up and never comes back: libzmq reports no protocol error then, only a
+    handshake failed without detail. Done by hand here, where a libzmq client wins that race
+    about one time in two."""
+    keys.allow(keys.client_public)
+    config = _config(tmp_path, table, keys)
+    with caplog.at_level(logging.WARNING, logger="edm.plugins.fee_guard"):
+        plugin = plugins(config, databases(config))
+        cap = plugin._peer_cap
+        assert cap is not None
+        port = int((plugin.endpoint or "").rsplit(":", 1)[1])
+        for attempt in range(2):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                wait_for(lambda: cap.peers == 1)  # the address is read (a peer gone by then is "?")
+                sock.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03")  # ZMTP 3 signature and major version
+                greeting = b""
+                while len(greeting) < 32:  # up to the server's mechanism
+                    data = sock.recv(64)
+                    assert data, greeting
+                    greeting += data
+                assert greeting[12:32].rstrip(b"\0") == b"CURVE"
+            wait_for(lambda n=attempt + 1: cap.failed_handshakes == n, timeout=30)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([w for w in warnings if "at 127.0.0.1" in w and "without CURVE" in w]) == 1, warnings
+    assert plugin.status()["requests"] == 0
 
 
 def test_a_key_added_to_clients_dir_is_let_in_by_a_reload_without_a_restart(

@@ -37,7 +37,7 @@ import pytest
 import yaml
 from conftest import ROOT, EdmEnv, alive, wait_for
 
-from edm.config import AmqpConfig, DaemonConfig, DatabaseConfig, FeeConfig, LogConfig, parse
+from edm.config import AmqpConfig, DaemonConfig, DatabaseConfig, FeeConfig, LogConfig, MetricsConfig, parse
 
 README = ROOT / "README.md"
 FENCE = re.compile(r"^(?P<indent>[ ]*)```(?P<lang>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ ]*$", re.M | re.S)
@@ -52,6 +52,7 @@ SECTIONS = {
     "daemon": DaemonConfig,
     "database": DatabaseConfig,
     "plugins.fee": FeeConfig,
+    "metrics": MetricsConfig,
 }
 
 

@@ -15,7 +15,14 @@ descriptor still hold the same peer?), and those gone without a report give thei
 libzmq reports a failed handshake (with CURVE on: a client without CURVE) without the peer,
 but then the loss of the connection with its descriptor; the peer's address, taken when the
 connection was accepted, is logged once at WARNING (a CURVE key that is not allowed is
-logged by fee_auth, by its key).
+logged by fee_auth, by its key). A ZeroMQ client without CURVE and the server each see the
+other's mechanism in the greeting: when the server reads it first, libzmq reports a protocol
+error (and the client connects again); when the client does, it hangs up for good and libzmq
+reports only a handshake failed "without detail" (the errno of the hang-up). With CURVE on
+both are a refused client, or the client would go unlogged; without CURVE a hang-up during
+the greeting is a peer that left (a port probe), nothing refused. The address is read when
+this thread hears of the connection: a peer gone by then (on a fast link, often) is logged
+as "?", once.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ _EVENTS = (
     int(zmq.EVENT_ACCEPTED)
     | int(zmq.EVENT_DISCONNECTED)
     | int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    | int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
     | int(zmq.EVENT_MONITOR_STOPPED)
 )
 MAX_WARNED = 10_000  # addresses remembered as logged
@@ -59,8 +67,9 @@ class PeerCap:
         self._limit = limit
         self._curve = curve
         self._live: dict[int, tuple[str, int] | None] = {}  # descriptor -> the peer's (address, port)
-        self._failed: int | None = None  # the protocol error of a handshake that just failed
+        self._failed: tuple[int, int] | None = None  # the event and value of a handshake that just failed
         self._warned_addresses: set[str] = set()
+        self._shedding: set[int] = set()  # descriptors shut by _shed whose end is not reported yet
         self.shed = 0
         self.failed_handshakes = 0
         self._warned = False
@@ -84,15 +93,20 @@ class PeerCap:
                 kind, fd = int(event["event"]), int(event["value"])
                 if kind == zmq.EVENT_MONITOR_STOPPED:
                     return
-                if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                    self._failed = fd  # not a descriptor here: the ZMTP error code
+                if kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                    # not a descriptor here: the ZMTP error code, or the errno of a hang-up
+                    if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL or self._curve:
+                        self._failed = (kind, fd)
                 elif kind == zmq.EVENT_DISCONNECTED:
                     peer = self._live.pop(fd, None)
-                    if self._failed is not None:
+                    failed, self._failed = self._failed, None
+                    if fd in self._shedding:  # shut by us in its handshake: no refusal of libzmq
+                        self._shedding.discard(fd)
+                    elif failed is not None:
                         self.failed_handshakes += 1
-                        self._refused(peer[0] if peer else "?", self._failed)
-                    self._failed = None
+                        self._refused(peer[0] if peer else "?", *failed)
                 else:
+                    self._shedding.discard(fd)  # (its end went unreported: the number is reused)
                     if len(self._live) >= self._limit:
                         self._prune()
                     if len(self._live) < self._limit:
@@ -112,21 +126,25 @@ class PeerCap:
             if peer is None or _peer(fd, self._port) != peer:
                 del self._live[fd]
 
-    def _refused(self, address: str, error: int) -> None:
+    def _refused(self, address: str, kind: int, value: int) -> None:
         if address in self._warned_addresses or len(self._warned_addresses) >= MAX_WARNED:
             return
         self._warned_addresses.add(address)
         what = "a client without CURVE, or not ZeroMQ at all" if self._curve else "not a ZeroMQ client"
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            detail = f"it hung up at the greeting: {os.strerror(value)}"
+        else:
+            detail = f"ZMTP error 0x{value:08x}"
         log.warning(
-            "Refused a fee client at %s at the handshake (%s; ZMTP error 0x%08x); further "
-            "refusals of this address are not logged.",
+            "Refused a fee client at %s at the handshake (%s; %s); further refusals of this "
+            "address are not logged.",
             address,
             what,
-            error,
+            detail,
         )
 
     def _shed(self, fd: int) -> None:
-        if _shutdown(fd, self._port, self._count_shed) is None:
+        if _shutdown(fd, self._port, lambda: self._count_shed(fd)) is None:
             return  # gone already, or the number was reused for something else
         if not self._warned:
             self._warned = True
@@ -136,8 +154,9 @@ class PeerCap:
                 self._limit,
             )
 
-    def _count_shed(self) -> None:
+    def _count_shed(self, fd: int) -> None:
         self.shed += 1
+        self._shedding.add(fd)
 
     # -- dropping a connection that misbehaves -------------------------------------------
 
@@ -223,7 +242,10 @@ def _shutdown(fd: int, port: int, count: Callable[[], None], reset: bool = False
     try:
         if sock.type != socket.SOCK_STREAM or sock.getsockname()[1] != port:
             return None
-        address = sock.getpeername()
+        try:
+            address = sock.getpeername()
+        except OSError:
+            address = ("?", 0)  # reset by the peer already: shut it all the same
         if reset:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         count()
