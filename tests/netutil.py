@@ -186,6 +186,16 @@ class RawZmtp:
             body = b"\x05READY" + b"\x0bSocket-Type" + len(socket_type).to_bytes(4, "big") + socket_type
             self.sock.sendall(b"\x04" + bytes([len(body)]) + body)
 
+    def wait_ready(self) -> None:
+        """Read the server's greeting and READY: libzmq takes what comes before it sent its
+        READY for a handshake command, and refuses a data frame there."""
+        data = b""
+        while len(data) < 66 or len(data) < 66 + data[65]:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("the server closed the connection in the handshake")
+            data += chunk
+
     def header(self, size: int, more: bool = False) -> None:
         """A frame header announcing ``size`` bytes (the body is up to the caller)."""
         self.sock.sendall(bytes([0x02 | more]) + size.to_bytes(8, "big"))

@@ -3,8 +3,10 @@ of many-frame messages from a raw ZMTP peer cannot push the receiver past."""
 
 from __future__ import annotations
 
+import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,22 +23,33 @@ from edm.plugins.fee import MAX_FRAMES, RCVHWM, FeePlugin
 
 SQL = Callable[..., list[tuple[Any, ...]]]
 
-# The flood: FLOOD_MESSAGES multipart messages of FLOOD_FRAMES frames each, one connection.
-# The receiver reads every frame libzmq hands over, about 1 µs each in Python: the issue's
-# 100,000 x 1,000 (10^8 frames) takes some 150 s here (10^7 took 15 s), more than a CI run
-# should spend on one test, so the flood is a tenth of it. The
-# memory bound does not depend on the count: libzmq holds at most RCVHWM whole messages of a
-# connection, and Python at most MAX_FRAMES + 1 frames of one.
-FLOOD_MESSAGES = 10_000
+# The flood: FLOOD_MESSAGES multipart messages of FLOOD_FRAMES frames each from a raw socket,
+# which connects again whenever it is dropped (as a flooder would) until all are sent. The
+# receiver drops a connection at the first message over MAX_FRAMES; what the peer had in
+# flight is discarded by the kernel and libzmq, unread. Read to the end frame by frame
+# (about 1 µs a frame in Python), the 10^8 frames would take some 150 s: FLOOD_SECONDS fails
+# a receiver that does so.
+FLOOD_MESSAGES = 100_000
 FLOOD_FRAMES = 1_000
+FLOOD_SECONDS = 45
 # libzmq keeps each frame of up to 33 bytes inside its 64-byte msg_t in the connection's
-# pipe: (RCVHWM + 1) messages x 1,000 frames x 64 B = 4.2 MB for this peer, plus its 8 KiB
-# decoder buffer and at most SNDHWM (1,000) unread replies of ~100 B. Python holds 65 short
-# frames at a time. 24 MiB over the worker's peak before the flood leaves room for the
-# allocator's slack and the log lines; a receiver that buffered the flood (30 MB on the
-# wire, ten times that as Python objects) would pass it many times over. Measured: 4.1 MiB,
-# with 10 requests of a REQ client served during the flood.
-MAX_GROWTH_MIB = 24
+# pipe: (RCVHWM + 1) messages x 1,000 frames x 64 B = 4.2 MB for a connection. A dropped
+# connection's messages that were already whole stay in its pipe until the receiver has read
+# them (about 65 ms for 65,000 frames), and libzmq reads the pipes in turn, so a flooder that
+# connects again at once has a few such pipes held at a time (the time it takes to connect
+# and fill the next is about the same): measured 30 to 36 MiB over the worker's peak before
+# the flood, with about 100 connections in 10 s. Add the 8 KiB decoder buffers, at most
+# SNDHWM (1,000) unread replies of ~100 B and the allocator's slack; a receiver that
+# buffered the flood (300 MB on the wire, twenty times that in msg_t) would pass the bound
+# many times over, and one that read it to the end frame by frame misses FLOOD_SECONDS.
+MAX_GROWTH_MIB = 64
+# An unfinished message: the watch drops the connection once libzmq has read MAX_UNFINISHED
+# (1.06 MiB) of it, seen at the next check (CHECK_INTERVAL, 50 ms, during which libzmq reads
+# some 15 MB/s of one-byte frames here: 0.75 MB, twice at worst). Each 3-byte frame is a
+# 64-byte msg_t: 2.6 MB x 21 = 56 MiB at most. The peer sends up to 30 MB, which the receiver
+# without the watch holds as 640 MB.
+MAX_UNFINISHED_GROWTH_MIB = 64
+UNFINISHED_BYTES = 30_000_000
 
 
 @pytest.fixture
@@ -59,26 +72,40 @@ def _port(plugin: FeePlugin) -> int:
     return int(plugin.endpoint.rsplit(":", 1)[1])
 
 
-def test_a_message_over_the_frame_cap_is_refused_and_the_next_one_served(
-    make_config: Callable[..., Config], databases: Any, start: Any, table: str, root_sql: SQL, zctx: Any
+def test_a_message_over_the_frame_cap_drops_its_connection_and_the_next_client_is_served(
+    make_config: Callable[..., Config],
+    databases: Any,
+    start: Any,
+    table: str,
+    root_sql: SQL,
+    zctx: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = make_config(table=table)
     plugin = start(config, databases(config))
+    cap = plugin._peer_cap
+    assert cap is not None
     dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.RCVTIMEO, 15000)
     dealer.connect(plugin.endpoint)
     try:
-        dealer.send_multipart([b"", b"1,1,1", *([b"x"] * 998)])
-        assert dealer.recv_multipart() == [b"", b"FALSE too many frames"]
-        dealer.send_multipart([b"", *([b"y"] * (MAX_FRAMES - 2))])  # under the cap: as before
+        dealer.send_multipart([b"", *([b"y"] * (MAX_FRAMES - 2))])  # under the cap: answered
         assert dealer.recv_multipart() == [b"", b"FALSE multipart request"]
-        dealer.send_multipart([b"", b"2,2,2"])
-        assert dealer.recv_multipart() == [b"", b"TRUE"]
+        dealer.send_multipart([b"", b"1,1,1", *([b"x"] * 998)])
+        wait_for(lambda: cap.dropped == 1)  # not read to its end on a live connection
     finally:
         dealer.close(0)
+    client = Client(zctx, plugin.endpoint or "")
+    try:
+        assert client.ask(b"2,2,2") == b"TRUE"
+    finally:
+        client.close()
     assert plugin.status()["malformed"] == 2
     assert root_sql(f"SELECT ticket FROM `{table}`") == [(2,)]
+    drops = [r for r in caplog.records if r.message.startswith("Dropped the fee client at 127.0.0.1")]
+    assert len(drops) == 1 and drops[0].levelname == "WARNING"
+    assert f"a message of more than {MAX_FRAMES} frames" in drops[0].message
 
 
 def test_connections_beyond_the_peer_cap_are_shut_as_they_come(
@@ -139,36 +166,105 @@ def test_a_flood_of_many_frame_messages_stays_under_the_memory_bound_and_a_clien
         # a DEALER's message: the empty delimiter, then 999 one-byte frames
         message = b"\x01\x00" + b"\x01\x01x" * (FLOOD_FRAMES - 2) + b"\x00\x01x"
         chunk = message * 100
-        peer = RawZmtp(port)
+        connections: list[int] = []
         failure: list[BaseException] = []
 
         def flood() -> None:
             try:
-                for _ in range(FLOOD_MESSAGES // 100):
-                    peer.send(chunk)
+                sent = 0
+                while sent < FLOOD_MESSAGES:
+                    peer = RawZmtp(port)
+                    connections.append(1)
+                    try:
+                        peer.wait_ready()
+                        while sent < FLOOD_MESSAGES:
+                            peer.send(chunk)
+                            sent += 100
+                    except (ConnectionError, TimeoutError):
+                        pass  # dropped: connect again and send the rest
+                    finally:
+                        peer.close()
             except BaseException as exc:
                 failure.append(exc)
 
         flooder = threading.Thread(target=flood, daemon=True)
+        started = time.monotonic()
         flooder.start()
         served_during = 0
         ticket = 2
-        while flooder.is_alive():
+        while flooder.is_alive() and time.monotonic() - started < FLOOD_SECONDS:
             assert client.ask(f"{ticket},1,1".encode()) == b"TRUE"
             ticket += 1
             served_during += flooder.is_alive()
-        flooder.join()
+        flooder.join(max(0.0, FLOOD_SECONDS - (time.monotonic() - started)))
+        assert not flooder.is_alive(), f"the flood was not taken within {FLOOD_SECONDS} s"
         assert not failure, failure
-        # every flood message was read: the last one's reply is the receiver's proof
-        wait_for(lambda: _fee(env).get("malformed", 0) >= FLOOD_MESSAGES, timeout=120)
         assert client.ask(f"{ticket},1,1".encode()) == b"TRUE"
-        peer.close()
     finally:
         client.close()
     growth = _peak_rss_mib(worker) - before
-    assert growth < MAX_GROWTH_MIB, f"the plugins worker grew {growth:.1f} MiB"
+    assert growth < MAX_GROWTH_MIB, f"the worker grew {growth:.1f} MiB ({len(connections)} connections)"
     assert served_during >= 1
+    assert len(connections) > 1  # dropped, not read to the end
+    log = env.log_text().splitlines()
+    warnings = [line for line in log if "WARNING" in line and "Dropped the fee client at 127.0.0.1" in line]
+    assert len(warnings) == 1, warnings  # once per address
     assert RCVHWM == 64  # the bound above is computed for it
+
+
+def test_an_unfinished_message_drops_its_connection_and_memory_stays_bounded(
+    make_config: Callable[..., Config],
+    databases: Any,
+    start: Any,
+    table: str,
+    zctx: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """libzmq holds a message until its last frame, out of RCVHWM's count: a peer that never
+    sends one would grow it without end."""
+    config = make_config(table=table)
+    plugin = start(config, databases(config))
+    cap = plugin._peer_cap
+    assert cap is not None
+    client = Client(zctx, plugin.endpoint or "")
+    try:
+        assert client.ask(b"1,1,1") == b"TRUE"
+        Path("/proc/self/clear_refs").write_text("5")  # the peak from here on
+        before = _peak_rss_mib(os.getpid())
+        chunk = b"\x01\x01x" * 100_000  # one-byte frames, each with MORE: never a last one
+        peer = RawZmtp(_port(plugin))
+        peer.wait_ready()
+        outcome: list[BaseException | int] = []
+
+        def send() -> None:
+            sent = 0
+            try:
+                peer.send(b"\x01\x00")
+                while sent < UNFINISHED_BYTES:
+                    peer.send(chunk)
+                    sent += len(chunk)
+                outcome.append(sent)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        ticket = 2
+        while sender.is_alive():
+            assert client.ask(f"{ticket},1,1".encode()) == b"TRUE"
+            ticket += 1
+        sender.join()
+        peer.close()
+        growth = _peak_rss_mib(os.getpid()) - before
+        assert isinstance(outcome[0], ConnectionError), outcome  # dropped before the end
+        assert cap.dropped == 1
+        assert growth < MAX_UNFINISHED_GROWTH_MIB, f"the receiver grew {growth:.1f} MiB"
+        assert client.ask(f"{ticket},1,1".encode()) == b"TRUE"
+    finally:
+        client.close()
+    drops = [r for r in caplog.records if r.message.startswith("Dropped the fee client at 127.0.0.1")]
+    assert len(drops) == 1 and drops[0].levelname == "WARNING"
+    assert "without finishing a message" in drops[0].message
 
 
 def _fee(env: EdmEnv) -> dict[str, Any]:

@@ -47,23 +47,40 @@ Limits, so that a flood or a hostile peer cannot exhaust memory or the pool:
 * replies to a client that left or does not read are dropped (the ROUTER is not
   mandatory), so a client can never block the receiver.
 
-* at most MAX_FRAMES (64) frames of one message reach Python; the rest of it is read and
-  dropped frame by frame, and the message is answered ``FALSE too many frames`` and counted
-  as malformed. A valid request has at most MAX_HOPS + 3 frames (the connection's routing
-  id, the hops, the empty delimiter, the body); the headroom lets the envelope checks above
-  say what is wrong with a message that is merely odd.
+* at most MAX_FRAMES (64) frames of one message reach Python. A message with more drops
+  its connection at the frame past the cap: the receiver learns the connection of each
+  message from libzmq (ZMQ_SRCFD, the connection's descriptor) and shuts it down
+  (``PeerCap.drop``); libzmq and the kernel then discard what the peer had not yet
+  delivered, unread. What libzmq had already queued of it whole (at most RCVHWM + 1
+  messages) is still read, frame by frame, never held together, and answered
+  ``FALSE too many frames`` (to nobody: the peer is gone) and counted as malformed. A valid
+  request has at most MAX_HOPS + 3 frames (the connection's routing id, the hops, the empty
+  delimiter, the body); the headroom lets the envelope checks above say what is wrong with
+  a message that is merely odd. The drop is logged once per address at WARNING
+  (``Dropped the fee client at ADDRESS:PORT: a message of more than 64 frames``).
+* at most MAX_UNFINISHED (1 MiB + 64 KiB: the largest message the receiver looks at,
+  MAX_FRAMES frames of MAX_FRAME, and room) read by libzmq from one connection without the
+  receiver taking a whole message of it. libzmq hands a multipart message over only once
+  its last frame has come, holds its frames until then (RCVHWM counts whole messages,
+  MAXMSGSIZE one frame) and keeps each short frame in a 64-byte slot: a raw ZMTP peer that
+  never ended a message grew the receiver by some 20 times what it sent. A watch beside the
+  peer cap (``PeerCap.guard_messages``) looks every 50 ms at the bytes libzmq has read from
+  each connection (the kernel's TCP_INFO less its receive queue) and at the whole messages
+  the receiver took from it (counted per descriptor, one dict update a message), and drops
+  a connection past the bound, logged as above (``… bytes without finishing a message``).
 * at most MAX_PEERS (1,024) TCP connections at once (``fee_guard.PeerCap``: libzmq has no
   such option; its socket monitor reports each accepted connection, and one beyond the cap
   is shut down as soon as the report is read, normally before its handshake is over).
 
 So with single-frame requests the receiver holds at most about MAX_PEERS x RCVHWM x
 MAX_FRAME (1 GiB at worst, 1 MiB a connection) in libzmq and one message of MAX_FRAMES
-frames in Python. What stays unbounded is
-the number of frames of one message: libzmq hands a multipart message over only once its
-last frame has come, and holds its frames until then (RCVHWM counts whole messages, and
-MAXMSGSIZE one frame). A peer speaking raw ZMTP can still grow one message without end;
-CURVE (``plugins.fee.curve``) stops that, since a peer without an allowed key never gets
-past the handshake, and so does listening on a trusted interface only.
+frames in Python; an unfinished message holds at most MAX_UNFINISHED of the wire, plus what
+libzmq reads before the next look (measured: 1.9 MB and 40 MiB of memory in one-byte
+frames, against 1.8 GB for 90 MB before the watch). Without ZMQ_SRCFD (a libzmq that drops
+it: it is deprecated since 4.3) the receiver says so at start with a WARNING and reads an
+over-long message to its end instead, and an unfinished one is not bounded; CURVE
+(``plugins.fee.curve``) still stops strangers at the handshake, and so does listening on a
+trusted interface only.
 """
 
 from __future__ import annotations
@@ -100,6 +117,10 @@ MAX_HOPS = 4  # routing frames (proxies) a request may carry besides the connect
 MAX_ROUTING_ID = 255  # bytes; ZMTP allows no longer routing id
 MAX_FRAMES = 64  # frames of one message kept; a valid request has at most MAX_HOPS + 3
 MAX_PEERS = 1024  # TCP connections at once; more are shut down as they come
+# Bytes libzmq may read from one connection without the receiver taking a whole message of
+# it: the largest message the receiver looks at (MAX_FRAMES frames of MAX_FRAME), and room.
+MAX_UNFINISHED = MAX_FRAMES * MAX_FRAME + (64 << 10)
+MAX_DROPPED_IDS = 10_000  # routing ids of dropped connections remembered
 LINGER_MS = 500
 IDLE_MS = 100  # without a request for this long the connections go back to the pool
 IN_FLIGHT = 2  # batches being stored at once, each on a pooled connection of its own
@@ -107,6 +128,8 @@ IN_FLIGHT = 2  # batches being stored at once, each on a pooled connection of it
 # pyzmq's flags as plain ints: its enum flags cost more than the calls they are passed to.
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
+# The descriptor of the connection a message came on: deprecated since libzmq 4.3, still there.
+_SRCFD = int(zmq.SRCFD) if hasattr(zmq, "SRCFD") else None
 
 
 @dataclass
@@ -143,6 +166,8 @@ class FeePlugin:
         self._failure: str | None = None  # why the receiver's thread died
         self._gate: Gate | None = None  # CURVE: who may talk to the receiver
         self._peer_cap: PeerCap | None = None
+        self._srcfd = _SRCFD is not None  # the receiver learns each message's connection
+        self._dropped_ids: set[bytes] = set()
         self._tls_checked = False
 
     @property
@@ -339,7 +364,17 @@ class FeePlugin:
         endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         if not endpoint.startswith("tcp://"):
             return None  # ipc: the file's permissions say who connects; inproc: this process
-        return PeerCap(self._router, int(endpoint.rsplit(":", 1)[1]), MAX_PEERS, self._fee.curve is not None)
+        cap = PeerCap(self._router, int(endpoint.rsplit(":", 1)[1]), MAX_PEERS, self._fee.curve is not None)
+        if self._srcfd:
+            cap.guard_messages(MAX_UNFINISHED)
+        else:
+            log.warning(
+                "This libzmq does not tell the connection of a message (ZMQ_SRCFD): a message of "
+                "more than %d frames is read to its end instead of dropping its sender, and an "
+                "unfinished one is not bounded.",
+                MAX_FRAMES,
+            )
+        return cap
 
     def _close_gate(self) -> None:
         if self._gate is not None:
@@ -470,15 +505,54 @@ class FeePlugin:
     def _recv_frames(self) -> list[bytes]:
         """One whole message, without waiting; zmq.Again when there is none. Of a message
         longer than MAX_FRAMES, the first MAX_FRAMES + 1 frames (the one too many tells the
-        caller); the others are read and dropped one by one, never held together."""
+        caller), and its connection is dropped; the other frames, already whole in libzmq's
+        queue, are read and dropped one by one, never held together."""
         recv = self._router.recv
-        frames: list[bytes] = []
-        while True:
+        frame = recv(_NOBLOCK, copy=False)
+        frames = [frame.bytes]
+        cap = self._peer_cap if self._srcfd else None
+        fd = self._source(frame) if cap is not None else -1
+        while frame.more:
             frame = recv(_NOBLOCK, copy=False)
             if len(frames) <= MAX_FRAMES:
                 frames.append(frame.bytes)
-            if not frame.more:
-                return frames
+                if len(frames) > MAX_FRAMES and fd >= 0:
+                    self._drop(fd, frames[0])
+        if fd >= 0:
+            done = cap.done  # type: ignore[union-attr]  # fd >= 0 only with a cap
+            done[fd] = done.get(fd, 0) + 1
+        return frames
+
+    def _source(self, frame: zmq.Frame) -> int:
+        """The descriptor of the connection a message came on (ZMQ_SRCFD); -1 when unknown."""
+        try:
+            return int(frame.get(_SRCFD))  # type: ignore[arg-type]
+        except zmq.ZMQError as exc:
+            self._srcfd = False
+            if self._peer_cap is not None:
+                self._peer_cap.stop_guard()
+            log.warning(
+                "libzmq does not tell the connection of a message (ZMQ_SRCFD: %s): a message of "
+                "more than %d frames is read to its end instead of dropping its sender, and an "
+                "unfinished one is not bounded.",
+                exc,
+                MAX_FRAMES,
+            )
+            return -1
+
+    def _drop(self, fd: int, routing_id: bytes) -> None:
+        """Drop the connection that sent a message over MAX_FRAMES, once per connection: the
+        messages it had queued carry the same routing id, and the descriptor may by then hold
+        another peer's connection. (A peer that sets its own routing id to one dropped before,
+        which libzmq allows only once that queue is read, has its long messages read to the
+        end, as without the drop; the unfinished-message watch still applies to it.)"""
+        if routing_id in self._dropped_ids:
+            return
+        if len(self._dropped_ids) >= MAX_DROPPED_IDS:
+            self._dropped_ids.clear()
+        self._dropped_ids.add(routing_id)
+        assert self._peer_cap is not None
+        self._peer_cap.drop(fd, f"a message of more than {MAX_FRAMES} frames")
 
     def _send(self, envelope: list[bytes], reply: bytes) -> None:
         send = self._router.send
