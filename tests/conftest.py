@@ -445,14 +445,14 @@ def zctx() -> Iterator[Any]:
 
 
 @pytest.fixture
-def plugins() -> Iterator[Callable[[Config, Database], Any]]:
-    """Start FeePlugins that are stopped after the test, whatever happens."""
+def plugins() -> Iterator[Callable[..., Any]]:
+    """Start FeePlugins (or a subclass: ``cls``) that are stopped after the test, whatever happens."""
     from edm.plugins.fee import FeePlugin
 
     started: list[FeePlugin] = []
 
-    def start(config: Config, db: Database) -> FeePlugin:
-        plugin = FeePlugin(config, db)
+    def start(config: Config, db: Database, cls: type[FeePlugin] = FeePlugin) -> FeePlugin:
+        plugin = cls(config, db)
         plugin.start()
         started.append(plugin)
         return plugin

@@ -243,3 +243,9 @@ def tcp_received(port: int) -> list[tuple[int, int]]:
         match = re.search(r"bytes_received:(\d+)", line)
         found.append((int(match.group(1)) if match else 0, queue))
     return found
+
+
+def zmq_port(endpoint: str | None) -> int:
+    """The port of a bound ``tcp://host:port`` endpoint."""
+    assert endpoint is not None and endpoint.startswith("tcp://"), endpoint
+    return int(endpoint.rsplit(":", 1)[1])

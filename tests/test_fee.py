@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import zmq
 from conftest import MYSQL_DB, MYSQL_HOST, MYSQL_PORT, free_port
-from netutil import Client, TcpProxy, tcp_received
+from netutil import Client, TcpProxy, tcp_received, zmq_port
 from test_db import ConnectionSampler
 
 from edm.config import Config
@@ -246,14 +246,14 @@ def test_requests_wait_while_a_batch_is_stored_and_none_is_refused(
         def all_read_by_libzmq() -> bool:
             # Four connections, each brought its greeting and one request of the same size, and
             # libzmq has read them all off the sockets: the three requests wait in its queues.
-            seen = tcp_received(int(plugin.endpoint.rsplit(":", 1)[1]))
+            seen = tcp_received(zmq_port(plugin.endpoint))
             return (
                 len(seen) == 4
                 and len({received for received, _ in seen}) == 1
                 and not any(queued for _, queued in seen)
             )
 
-        assert wait_for(all_read_by_libzmq, 10), tcp_received(int(plugin.endpoint.rsplit(":", 1)[1]))
+        assert wait_for(all_read_by_libzmq, 10), tcp_received(zmq_port(plugin.endpoint))
         assert plugin.status()["requests"] == 1  # the others wait unread: the receiver is held
         release.set()
         replies = [c.socket.recv() for c in clients]

@@ -7,19 +7,18 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
 from conftest import EdmEnv, free_port, unique, wait_for
-from netutil import Client, RawZmtp
+from netutil import Client, RawZmtp, zmq_port
 
 import edm.plugins.fee as fee_module
 from edm.config import Config
-from edm.db import Database
-from edm.plugins.fee import MAX_FRAMES, RCVHWM, FeePlugin
+from edm.plugins.fee import MAX_FRAMES, RCVHWM
 
 SQL = Callable[..., list[tuple[Any, ...]]]
 
@@ -52,37 +51,17 @@ MAX_UNFINISHED_GROWTH_MIB = 64
 UNFINISHED_BYTES = 30_000_000
 
 
-@pytest.fixture
-def start() -> Iterator[Callable[[Config, Database], FeePlugin]]:
-    started: list[FeePlugin] = []
-
-    def start_(config: Config, db: Database) -> FeePlugin:
-        plugin = FeePlugin(config, db)
-        plugin.start()
-        started.append(plugin)
-        return plugin
-
-    yield start_
-    for plugin in started:
-        plugin.stop(10)
-
-
-def _port(plugin: FeePlugin) -> int:
-    assert plugin.endpoint is not None
-    return int(plugin.endpoint.rsplit(":", 1)[1])
-
-
 def test_a_message_over_the_frame_cap_drops_its_connection_and_the_next_client_is_served(
     make_config: Callable[..., Config],
     databases: Any,
-    start: Any,
+    plugins: Any,
     table: str,
     root_sql: SQL,
     zctx: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = make_config(table=table)
-    plugin = start(config, databases(config))
+    plugin = plugins(config, databases(config))
     cap = plugin._peer_cap
     assert cap is not None
     dealer = zctx.socket(zmq.DEALER)
@@ -111,21 +90,21 @@ def test_a_message_over_the_frame_cap_drops_its_connection_and_the_next_client_i
 def test_connections_beyond_the_peer_cap_are_shut_as_they_come(
     make_config: Callable[..., Config],
     databases: Any,
-    start: Any,
+    plugins: Any,
     table: str,
     zctx: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(fee_module, "MAX_PEERS", 4)
     config = make_config(table=table)
-    plugin = start(config, databases(config))
+    plugin = plugins(config, databases(config))
     cap = plugin._peer_cap
     assert cap is not None
-    peers = [RawZmtp(_port(plugin)) for _ in range(4)]
+    peers = [RawZmtp(zmq_port(plugin.endpoint)) for _ in range(4)]
     extra: list[RawZmtp] = []
     try:
         wait_for(lambda: cap.peers == 4)
-        extra.append(RawZmtp(_port(plugin), handshake=False))
+        extra.append(RawZmtp(zmq_port(plugin.endpoint), handshake=False))
         assert extra[-1].dropped(10)  # the fifth is shut
         assert cap.shed == 1 and cap.peers == 4
         peers.pop().close()
@@ -215,7 +194,7 @@ def test_a_flood_of_many_frame_messages_stays_under_the_memory_bound_and_a_clien
 def test_an_unfinished_message_drops_its_connection_and_memory_stays_bounded(
     make_config: Callable[..., Config],
     databases: Any,
-    start: Any,
+    plugins: Any,
     table: str,
     zctx: Any,
     caplog: pytest.LogCaptureFixture,
@@ -223,7 +202,7 @@ def test_an_unfinished_message_drops_its_connection_and_memory_stays_bounded(
     """libzmq holds a message until its last frame, out of RCVHWM's count: a peer that never
     sends one would grow it without end."""
     config = make_config(table=table)
-    plugin = start(config, databases(config))
+    plugin = plugins(config, databases(config))
     cap = plugin._peer_cap
     assert cap is not None
     client = Client(zctx, plugin.endpoint or "")
@@ -232,7 +211,7 @@ def test_an_unfinished_message_drops_its_connection_and_memory_stays_bounded(
         Path("/proc/self/clear_refs").write_text("5")  # the peak from here on
         before = _peak_rss_mib(os.getpid())
         chunk = b"\x01\x01x" * 100_000  # one-byte frames, each with MORE: never a last one
-        peer = RawZmtp(_port(plugin))
+        peer = RawZmtp(zmq_port(plugin.endpoint))
         peer.wait_ready()
         outcome: list[BaseException | int] = []
 
@@ -275,7 +254,7 @@ def _fee(env: EdmEnv) -> dict[str, Any]:
 def test_a_connection_lost_without_a_report_does_not_hold_a_place(
     make_config: Callable[..., Config],
     databases: Any,
-    start: Any,
+    plugins: Any,
     table: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -283,14 +262,14 @@ def test_a_connection_lost_without_a_report_does_not_hold_a_place(
     DISCONNECTED never came is given back when the cap is reached, not kept forever."""
     monkeypatch.setattr(fee_module, "MAX_PEERS", 2)
     config = make_config(table=table)
-    plugin = start(config, databases(config))
+    plugin = plugins(config, databases(config))
     cap = plugin._peer_cap
     assert cap is not None
-    first = RawZmtp(_port(plugin))
+    first = RawZmtp(zmq_port(plugin.endpoint))
     try:
         wait_for(lambda: cap.peers == 1)
         cap._live[10**6] = ("192.0.2.1", 40000)  # a connection whose loss was never reported
-        second = RawZmtp(_port(plugin))
+        second = RawZmtp(zmq_port(plugin.endpoint))
         wait_for(lambda: cap.peers == 2 and 10**6 not in cap._live)
         assert cap.shed == 0
         second.close()

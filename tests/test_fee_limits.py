@@ -6,42 +6,20 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
 import zmq.utils.monitor
-from netutil import Client, RawZmtp, tcp_received
+from netutil import Client, RawZmtp, tcp_received, zmq_port
 
 import edm.plugins.fee as fee_module
 from edm.config import Config
-from edm.db import Database
 from edm.plugins.fee import MAX_FRAME, RCVHWM, FeePlugin
 
 SQL = Callable[..., list[tuple[Any, ...]]]
-
-
-@pytest.fixture
-def start() -> Iterator[Callable[..., FeePlugin]]:
-    """Start a FeePlugin (or a subclass) that is stopped after the test, whatever happens."""
-    started: list[FeePlugin] = []
-
-    def start_(config: Config, db: Database, cls: type[FeePlugin] = FeePlugin) -> FeePlugin:
-        plugin = cls(config, db)
-        plugin.start()
-        started.append(plugin)
-        return plugin
-
-    yield start_
-    for plugin in started:
-        plugin.stop(10)
-
-
-def port_of(plugin: FeePlugin) -> int:
-    assert plugin.endpoint is not None
-    return int(plugin.endpoint.rsplit(":", 1)[1])
 
 
 def rss_mib() -> float:
@@ -63,7 +41,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
 def test_a_pipelining_dealer_gets_a_bounded_number_into_each_batch(
     make_config: Callable[..., Config],
     databases: Any,
-    start: Any,
+    plugins: Any,
     table: str,
     root_sql: SQL,
     zctx: Any,
@@ -88,7 +66,7 @@ def test_a_pipelining_dealer_gets_a_bounded_number_into_each_batch(
                 release.wait(20)  # hold the first batch while the DEALER's flood arrives
 
     config = make_config(table=table)
-    plugin = start(config, databases(config), HeldFee)
+    plugin = plugins(config, databases(config), HeldFee)
     dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.RCVTIMEO, 15000)
@@ -106,10 +84,10 @@ def test_a_pipelining_dealer_gets_a_bounded_number_into_each_batch(
         over_cap = 2 * (cap + 1) * (4 + len(flood[-1]))
 
         def buffered() -> bool:
-            received, queued = max(tcp_received(port_of(plugin)))
+            received, queued = max(tcp_received(zmq_port(plugin.endpoint)))
             return received >= flood_bytes and queued <= flood_bytes - over_cap
 
-        assert wait_for(buffered, 15), tcp_received(port_of(plugin))
+        assert wait_for(buffered, 15), tcp_received(zmq_port(plugin.endpoint))
         assert plugin.status()["requests"] == 1  # the receiver still holds only the first batch
         release.set()
         replies = [dealer.recv_multipart()[-1] for _ in range(1000)]
@@ -138,12 +116,12 @@ def test_a_pipelining_dealer_gets_a_bounded_number_into_each_batch(
 
 
 def test_a_frame_announced_as_one_gib_drops_the_peer_and_is_not_buffered(
-    make_config: Callable[..., Config], databases: Any, start: Any, table: str, zctx: Any
+    make_config: Callable[..., Config], databases: Any, plugins: Any, table: str, zctx: Any
 ) -> None:
     config = make_config(table=table)
-    plugin = start(config, databases(config))
+    plugin = plugins(config, databases(config))
     before = rss_mib()
-    peer = RawZmtp(port_of(plugin))
+    peer = RawZmtp(zmq_port(plugin.endpoint))
     try:
         peer.header(1 << 30)
         try:
@@ -163,12 +141,12 @@ def test_a_frame_announced_as_one_gib_drops_the_peer_and_is_not_buffered(
 
 
 def test_a_req_client_over_the_frame_limit_is_disconnected_without_a_reply(
-    make_config: Callable[..., Config], databases: Any, start: Any, table: str, root_sql: SQL, zctx: Any
+    make_config: Callable[..., Config], databases: Any, plugins: Any, table: str, root_sql: SQL, zctx: Any
 ) -> None:
     """Up to MAX_FRAME bytes a request gets FALSE; past it libzmq drops the connection: the REQ
     client sees no reply (only its own timeout) and a disconnect, and may reconnect."""
     config = make_config(table=table)
-    plugin = start(config, databases(config))
+    plugin = plugins(config, databases(config))
     client = Client(zctx, plugin.endpoint, timeout_ms=1000)
     monitor = client.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     try:
@@ -193,10 +171,10 @@ def test_a_req_client_over_the_frame_limit_is_disconnected_without_a_reply(
 
 
 def test_a_made_up_routing_envelope_is_refused(
-    make_config: Callable[..., Config], databases: Any, start: Any, table: str, root_sql: SQL, zctx: Any
+    make_config: Callable[..., Config], databases: Any, plugins: Any, table: str, root_sql: SQL, zctx: Any
 ) -> None:
     config = make_config(table=table)
-    plugin = start(config, databases(config))
+    plugin = plugins(config, databases(config))
     dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.RCVTIMEO, 15000)
@@ -218,13 +196,13 @@ def test_a_made_up_routing_envelope_is_refused(
 def test_a_huge_malformed_request_is_logged_cut(
     make_config: Callable[..., Config],
     databases: Any,
-    start: Any,
+    plugins: Any,
     table: str,
     zctx: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = make_config(table=table)
-    plugin = start(config, databases(config))
+    plugin = plugins(config, databases(config))
     client = Client(zctx, plugin.endpoint)
     try:
         with caplog.at_level(logging.ERROR, logger="edm.plugins.fee"):
@@ -237,7 +215,7 @@ def test_a_huge_malformed_request_is_logged_cut(
 
 
 def test_a_receiver_thread_that_died_is_the_plugins_failure(
-    make_config: Callable[..., Config], databases: Any, start: Any, table: str, caplog: Any, zctx: Any
+    make_config: Callable[..., Config], databases: Any, plugins: Any, table: str, caplog: Any, zctx: Any
 ) -> None:
     """The plugin says why it no longer serves; its worker then exits to be restarted (the
     daemon's side: test_reload_faults.py, test_a_receiver_thread_that_dies_takes_...)."""
@@ -248,7 +226,7 @@ def test_a_receiver_thread_that_died_is_the_plugins_failure(
 
     config = make_config(table=table)
     with caplog.at_level(logging.ERROR, logger="edm.plugins.fee"):
-        plugin = start(config, databases(config), Broken)
+        plugin = plugins(config, databases(config), Broken)
         assert plugin.status()["state"] == "running"
         assert plugin.failure() is None
         client = Client(zctx, plugin.endpoint)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -23,10 +22,11 @@ from typing import Any
 import pytest
 import yaml
 import zmq
-from conftest import ROOT, EdmEnv, alive, free_port, wait_for
+from conftest import ROOT, EdmEnv, free_port, wait_for
 from netutil import Client
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from rabbitnode import free_base, running_cluster
 
 from edm.config import parse
 from edm.errors import ConfigError
@@ -351,44 +351,14 @@ def test_fee_requests_and_spool_are_exported_and_survive_a_restart(make_env: Any
 
 # -- a broker of the test's own, stopped while edm runs -----------------------------------------
 
-SCRIPT = ROOT / "scripts" / "rabbit-cluster"
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
 
 @pytest.fixture
 def private_broker(tmp_path: Path) -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
     """One RabbitMQ node of the test's own (scripts/rabbit-cluster --nodes 1), never the system's;
     yields ``run(*args)`` for the script's commands, ``urls`` giving its AMQP URL. Torn down
     by the PIDs the node recorded."""
-    directory = tmp_path / "broker"
-    for _ in range(100):
-        base = random.randrange(20000, 30000, 10)
-        if all(port_free(p) for p in [base, base + 100, base + 200, *range(base + 300, base + 340)]):
-            break
-    else:
-        raise AssertionError("no free block of ports for the test's broker")
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [str(SCRIPT), "--dir", str(directory), *args]
-        return subprocess.run(command, capture_output=True, text=True, timeout=180)
-
-    try:
-        up = run("--base", str(base), "--nodes", "1", "up")
-        assert up.returncode == 0, up.stderr
-        yield run
-    finally:
-        pids = [int(p.read_text()) for p in directory.glob("node*/rabbitmq.pid") if p.read_text().strip()]
-        down = run("down")
-        assert down.returncode == 0, down.stderr
-        assert not [pid for pid in pids if alive(pid)], "the test's broker is left running"
+    with running_cluster(tmp_path / "broker", free_base(nodes=1), 1) as node:
+        yield node.run
 
 
 @pytest.mark.slow
