@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edm.config import parse
 from edm.db import Database, parse_url
-from edm.plugins.fee import FeePlugin
+from edm.plugins.fee.receiver import FeePlugin
 
 REFERENCE_THREADS = 8
 

@@ -28,7 +28,7 @@ import yaml
 # `python bench/run.py` from anywhere uses this checkout's edm.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edm.publish import publish_bodies
+from edm.cli.publish import publish_bodies
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pika
 
+from edm.cli.publish import bodies_from_lines, run_publish
 from edm.config import parse
-from edm.publish import bodies_from_lines, run_publish
 
 
 def main() -> int:

@@ -2,6 +2,6 @@ from __future__ import annotations
 
 import sys
 
-from edm.cli import main
+from edm.cli.main import main
 
 sys.exit(main())

@@ -8,11 +8,10 @@ silently fall back to a default.
 from __future__ import annotations
 
 import grp
-import importlib
 import os
 import pwd
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 
 from edm.errors import ConfigError
+from edm.handlers.api import BUILT_IN_HANDLERS
 from edm.redact import mask_url, passwords_in
 
 SYSTEM_CONFIG = Path("/etc/edm/mq.yaml")
@@ -52,7 +52,8 @@ class AmqpConfig:
     durable: bool = True
     prefetch: int = 1
     queue_arguments: Mapping[str, Any] = field(default_factory=dict)
-    handler: str = "edm.handlers:log_message"
+    handler: str = "edm.handlers:log_message"  # or a built-in name: log (the same), smtp
+    handler_options: Mapping[str, Any] = field(default_factory=dict)
     max_retries: int = 3
     tls: AmqpTlsConfig = field(default_factory=AmqpTlsConfig)
 
@@ -319,8 +320,12 @@ def _parse_amqp(raw: Mapping[str, Any], environ: Mapping[str, str], base: Path) 
     if not isinstance(qargs, dict) or not all(isinstance(k, str) for k in qargs):
         raise ConfigError("amqp.queue_arguments: must be a mapping of argument names to values")
     handler = _str(raw, "handler", "amqp", d.handler)
-    if handler.count(":") != 1 or not all(handler.split(":")):
-        raise ConfigError(f"amqp.handler: {handler!r} must look like 'module:function'")
+    if handler not in BUILT_IN_HANDLERS and (handler.count(":") != 1 or not all(handler.split(":"))):
+        names = ", ".join(BUILT_IN_HANDLERS)
+        raise ConfigError(f"amqp.handler: {handler!r} must be a built-in name ({names}) or 'module:attr'")
+    options = raw.get("handler_options", {}) or {}
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise ConfigError("amqp.handler_options: must be a mapping of option names to values")
     return AmqpConfig(
         url=checked,
         heartbeat=_int(raw, "heartbeat", "amqp", d.heartbeat, 0),
@@ -333,6 +338,7 @@ def _parse_amqp(raw: Mapping[str, Any], environ: Mapping[str, str], base: Path) 
         prefetch=_int(raw, "prefetch", "amqp", d.prefetch, 1),
         queue_arguments=dict(qargs),
         handler=handler,
+        handler_options=dict(options),
         max_retries=_int(raw, "max_retries", "amqp", d.max_retries, 0),
         tls=_parse_amqp_tls(raw.get("tls"), base),
     )
@@ -596,22 +602,6 @@ def split_listen(listen: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or " " in host:
         raise ConfigError(f"metrics.listen: {listen!r} must be host:port, such as 127.0.0.1:9325")
     return host, int(port)
-
-
-def load_handler(spec: str) -> Callable[..., Any]:
-    """Import ``module:function``; raise ConfigError naming amqp.handler when it cannot."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is a config problem
-        raise ConfigError(f"amqp.handler: cannot import {module_name!r}: {exc}") from None
-    except SystemExit as exc:  # a module that calls sys.exit() must not end the process importing it
-        raise ConfigError(f"amqp.handler: importing {module_name!r} called sys.exit({exc.code!r})") from None
-    func = getattr(module, attr, None)
-    if not callable(func):
-        raise ConfigError(f"amqp.handler: {module_name!r} has no callable {attr!r}")
-    handler: Callable[..., Any] = func
-    return handler
 
 
 def password_warning(config: Config) -> str | None:

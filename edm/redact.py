@@ -27,7 +27,7 @@ _DSN = re.compile(
     (?: '[^']*' | "[^"]*" | [^\s;&'"]+ )""",
 )
 # A known password inside an error text is masked only where no name character touches it:
-# "qq_edm", "/srv/edm/", "edm.consumer" or "edm:log_message" keep their "edm".
+# "qq_edm", "/srv/edm/", "edm.amqp.consumer" or "edm:log_message" keep their "edm".
 _NAME_CHARS = r"\w\-./\\@:%+~"
 
 

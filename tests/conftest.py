@@ -447,7 +447,7 @@ def zctx() -> Iterator[Any]:
 @pytest.fixture
 def plugins() -> Iterator[Callable[..., Any]]:
     """Start FeePlugins (or a subclass: ``cls``) that are stopped after the test, whatever happens."""
-    from edm.plugins.fee import FeePlugin
+    from edm.plugins.fee.receiver import FeePlugin
 
     started: list[FeePlugin] = []
 

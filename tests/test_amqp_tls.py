@@ -22,7 +22,7 @@ import trustme
 from conftest import EdmEnv, wait_for
 from rabbitnode import Cluster, free_base, running_cluster
 
-from edm.broker import parameters
+from edm.amqp.params import parameters
 from edm.config import parse
 from edm.errors import BrokerError, ConfigError
 

@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 from conftest import AMQP_URL, ROOT, EdmEnv, wait_for
 
+from edm.amqp.consumer import Consumer
+from edm.amqp.ioloop import FlushingIOLoop
 from edm.config import AmqpConfig
-from edm.consumer import Consumer
-from edm.ioloop import FlushingIOLoop
+from edm.handlers.loader import HandlerFactory
 
 LOW_WATERMARK = ("absolute", "1MB")  # below what any broker uses: the alarm goes off at once
 LOW_SETTING = "{absolute,1000000}"  # how the broker reports LOW_WATERMARK back
@@ -268,7 +269,12 @@ def test_the_daemon_waits_out_an_alarm_on_its_connection_and_loses_nothing(edm_e
 def test_no_timer_tears_the_daemons_connection_down_during_a_long_alarm() -> None:
     """pika's blocked_connection_timeout would drop the connection, redeliver the failed message
     and meet the alarm again, in a loop; an alarm that long is not raised on a shared broker."""
-    consumer = Consumer(AmqpConfig(url=(AMQP_URL,)), lambda _m: None, lambda _s: None, FlushingIOLoop())
+    consumer = Consumer(
+        AmqpConfig(url=(AMQP_URL,)),
+        HandlerFactory("test:nothing", lambda _m: None),
+        lambda _s: None,
+        FlushingIOLoop(),
+    )
     consumer.start()
     try:
         connection = consumer._connection

@@ -23,7 +23,7 @@ import pytest
 from conftest import EdmEnv, amqp_channel, wait_for
 from rabbitnode import SCRIPT, Cluster, free_base, running_cluster
 
-from edm.topology import helper_queue_arguments
+from edm.amqp.topology import helper_queue_arguments
 
 QUORUM = {"x-queue-type": "quorum"}
 

@@ -10,8 +10,9 @@ import pytest
 import yaml
 from conftest import EdmEnv
 
-from edm.config import find_config, load, load_handler, parse
+from edm.config import find_config, load, parse
 from edm.errors import ConfigError
+from edm.handlers import loader
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,11 +157,15 @@ def test_missing_file_and_lookup_order(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_load_handler() -> None:
-    assert callable(load_handler("edm.handlers:log_message"))
+    assert loader.load("edm.handlers:log_message").build().call is loader.load("log").build().call
     with pytest.raises(ConfigError, match=r"amqp\.handler: cannot import"):
-        load_handler("no_such_mod_xyz:f")
+        loader.load("no_such_mod_xyz:f")
     with pytest.raises(ConfigError, match="has no callable 'nope'"):
-        load_handler("os:nope")
+        loader.load("os:nope")
+    with pytest.raises(ConfigError, match=r"amqp\.handler: 'mail' is not a built-in handler \(log, smtp\)"):
+        loader.load("mail")
+    with pytest.raises(ConfigError, match=r"amqp\.handler_options: .* is a function"):
+        loader.load("log", {"x": 1})
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from tlsutil import make_ca, make_cert
 from edm.config import Config, parse
 from edm.db import Database, TlsRefused, require_tls
 from edm.errors import DatabaseError, DatabaseUnavailable, EdmError
-from edm.plugins.fee import FeePlugin
+from edm.plugins.fee.receiver import FeePlugin
 
 NODE = ROOT / "scripts" / "mariadb-node"
 

@@ -14,10 +14,12 @@ from conftest import AMQP_URL, amqp_channel, delete_topology, unique
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edm.amqp.consumer import Consumer
+from edm.amqp.fastlane import Lane, decode_properties, take_delivery
+from edm.amqp.ioloop import FlushingIOLoop
 from edm.config import AmqpConfig
-from edm.consumer import Consumer, Message
-from edm.fastlane import Lane, decode_properties, take_delivery
-from edm.ioloop import FlushingIOLoop
+from edm.handlers import Message
+from edm.handlers.loader import HandlerFactory
 
 CHANNEL, TAG = 1, "ctag1.abc"
 
@@ -152,7 +154,7 @@ def test_the_lane_stops_at_anything_else_and_never_takes_what_follows(other: byt
 
 
 def test_the_lane_ack_is_the_frame_pika_would_send() -> None:
-    from edm.fastlane import _ACK, _ACK_ID, _FRAME_END, _METHOD
+    from edm.amqp.fastlane import _ACK, _ACK_ID, _FRAME_END, _METHOD
 
     for channel, tag in ((1, 1), (7, 2**64 - 1), (65535, 123456789)):
         ours = _ACK.pack(_METHOD, channel, 13, _ACK_ID, tag, 0, _FRAME_END)
@@ -162,7 +164,7 @@ def test_the_lane_ack_is_the_frame_pika_would_send() -> None:
 def test_a_message_decodes_its_properties_once_and_only_when_asked() -> None:
     props = pika.BasicProperties(headers={"a": 1}, message_id="m-1")
     encoded = pika.frame.Header(1, 0, props).marshal()[7 + 12 : -1]
-    message = Message(b"x", None, "rk", False, encoded)
+    message = Message(b"x", "rk", False, encoded, decode_properties)
 
     assert message.properties.message_id == "m-1"
     assert message.properties is message.properties
@@ -198,7 +200,7 @@ def consume(name: str, count: int, publish: Callable[[], None], handler: Any = N
             publisher[0].start()
 
     amqp = AmqpConfig(url=(AMQP_URL,), exchange=name, queue=name, routing_key=name, prefetch=1)
-    consumer = Consumer(amqp, record, on_state, FlushingIOLoop())
+    consumer = Consumer(amqp, HandlerFactory("test:record", record), on_state, FlushingIOLoop())
     timer = threading.Timer(30, consumer.stop)  # a hung consumer fails the test, never the run
     timer.start()
     try:

@@ -21,7 +21,7 @@ from test_db import ConnectionSampler
 from edm.config import Config
 from edm.errors import EdmError
 from edm.plugins import build
-from edm.plugins.fee import FeePlugin
+from edm.plugins.fee.receiver import FeePlugin
 
 SQL = Callable[..., list[tuple[Any, ...]]]
 
@@ -126,7 +126,7 @@ def test_malformed_requests_get_false_and_the_next_good_one_works(
     client = Client(zctx, plugin.endpoint)
     try:
         for ticket, (body, word) in enumerate(MALFORMED, start=1):
-            with caplog.at_level(logging.ERROR, logger="edm.plugins.fee"):
+            with caplog.at_level(logging.ERROR, logger="edm.plugins.fee.receiver"):
                 caplog.clear()
                 reply = client.ask(body)
             assert reply.startswith(b"FALSE "), (body, reply)
@@ -146,7 +146,7 @@ def test_malformed_request_is_logged_escaped(
     plugin = plugins(config, databases(config))
     client = Client(zctx, plugin.endpoint)
     try:
-        with caplog.at_level(logging.ERROR, logger="edm.plugins.fee"):
+        with caplog.at_level(logging.ERROR, logger="edm.plugins.fee.receiver"):
             assert client.ask(b"1,2\n,\xff").startswith(b"FALSE")
     finally:
         client.close()
@@ -168,7 +168,7 @@ def test_a_repeated_ticket_is_stored_once_and_keeps_the_first_values(
     client = Client(zctx, plugin.endpoint)
     try:
         assert client.ask(b"42,7,1.5") == b"TRUE"
-        with caplog.at_level(logging.WARNING, logger="edm.plugins.fee"):
+        with caplog.at_level(logging.WARNING, logger="edm.plugins.fee.receiver"):
             assert client.ask(b" 42 , 7 , 1.50 ") == b"TRUE"  # the same values
             assert not [r for r in caplog.records if r.levelno == logging.WARNING]
             assert client.ask(b"42,8,2") == b"TRUE"  # different values

@@ -16,11 +16,11 @@ import zmq
 import zmq.auth
 from conftest import EdmEnv, free_port, wait_for
 
+from edm.cli.keys import new_pair
 from edm.config import Config, parse
 from edm.db import Database
 from edm.errors import EdmError
-from edm.keys import new_pair
-from edm.plugins.fee import FeePlugin
+from edm.plugins.fee.receiver import FeePlugin
 
 SQL = Callable[..., list[tuple[Any, ...]]]
 DENIED_WAIT_MS = 1000  # how long a refused client waits for the reply that must not come
@@ -94,7 +94,7 @@ def test_only_an_allowed_key_is_served_and_a_refused_one_is_logged_once(
 ) -> None:
     keys.allow(keys.client_public)
     config = _config(tmp_path, table, keys)
-    with caplog.at_level(logging.WARNING, logger="edm.plugins.fee_auth"):
+    with caplog.at_level(logging.WARNING, logger="edm.plugins.fee.auth"):
         plugin = plugins(config, databases(config))
         endpoint = plugin.endpoint or ""
         allowed = curve_client(zctx, endpoint, keys, keys.client_secret, 15000)
@@ -147,7 +147,7 @@ def test_a_client_without_curve_that_hangs_up_at_the_greeting_is_logged_once(
     about one time in two."""
     keys.allow(keys.client_public)
     config = _config(tmp_path, table, keys)
-    with caplog.at_level(logging.WARNING, logger="edm.plugins.fee_guard"):
+    with caplog.at_level(logging.WARNING, logger="edm.plugins.fee.guard"):
         plugin = plugins(config, databases(config))
         cap = plugin._peer_cap
         assert cap is not None

@@ -21,8 +21,8 @@ import zmq.utils.monitor
 from netutil import Client, RawZmtp
 
 from edm.config import Config
-from edm.plugins.fee import MAX_FRAME, FeePlugin
-from edm.plugins.fee_parse import MAX_ID, Fee, MalformedRequest, parse_request
+from edm.plugins.fee.parse import MAX_ID, Fee, MalformedRequest, parse_request
+from edm.plugins.fee.receiver import MAX_FRAME, FeePlugin
 
 SQL = Callable[..., list[tuple[Any, ...]]]
 SEED = int(os.environ.get("EDM_FUZZ_SEED", "20240611"))

@@ -16,9 +16,9 @@ import zmq
 from conftest import EdmEnv, free_port, unique, wait_for
 from netutil import Client, RawZmtp, zmq_port
 
-import edm.plugins.fee as fee_module
+import edm.plugins.fee.receiver as fee_module
 from edm.config import Config
-from edm.plugins.fee import MAX_FRAMES, RCVHWM
+from edm.plugins.fee.receiver import MAX_FRAMES, RCVHWM
 
 SQL = Callable[..., list[tuple[Any, ...]]]
 

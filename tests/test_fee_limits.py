@@ -15,9 +15,9 @@ import zmq
 import zmq.utils.monitor
 from netutil import Client, RawZmtp, tcp_received, zmq_port
 
-import edm.plugins.fee as fee_module
+import edm.plugins.fee.receiver as fee_module
 from edm.config import Config
-from edm.plugins.fee import MAX_FRAME, RCVHWM, FeePlugin
+from edm.plugins.fee.receiver import MAX_FRAME, RCVHWM, FeePlugin
 
 SQL = Callable[..., list[tuple[Any, ...]]]
 
@@ -205,7 +205,7 @@ def test_a_huge_malformed_request_is_logged_cut(
     plugin = plugins(config, databases(config))
     client = Client(zctx, plugin.endpoint)
     try:
-        with caplog.at_level(logging.ERROR, logger="edm.plugins.fee"):
+        with caplog.at_level(logging.ERROR, logger="edm.plugins.fee.receiver"):
             assert client.ask([b"\n" * 10000] * 5) == b"FALSE multipart request"
     finally:
         client.close()
@@ -225,7 +225,7 @@ def test_a_receiver_thread_that_died_is_the_plugins_failure(
             raise RuntimeError("boom")
 
     config = make_config(table=table)
-    with caplog.at_level(logging.ERROR, logger="edm.plugins.fee"):
+    with caplog.at_level(logging.ERROR, logger="edm.plugins.fee.receiver"):
         plugin = plugins(config, databases(config), Broken)
         assert plugin.status()["state"] == "running"
         assert plugin.failure() is None

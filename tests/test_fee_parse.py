@@ -9,7 +9,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from edm.plugins.fee_parse import (
+from edm.plugins.fee.parse import (
     MAX_REQUEST,
     Fee,
     MalformedRequest,

@@ -9,7 +9,7 @@ import pytest
 from pika.adapters.select_connection import IOLoop
 from pika.adapters.utils.selector_ioloop_adapter import SelectorIOServicesAdapter
 
-from edm.ioloop import FlushingIOLoop
+from edm.amqp.ioloop import FlushingIOLoop
 
 Pair = tuple[socket.socket, socket.socket]
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edm.handlers import MessageLog
+from edm.handlers.log import MessageLog
 from edm.logs import DailyLog, escape_body, escape_body_bytes, message_text, unescape_body
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from edm.daemon.pidfile import Pidfile, PidState, read_status
 from edm.errors import AlreadyRunning, PidfileError
-from edm.pidfile import Pidfile, PidState, read_status
 
 
 def test_lock_status_and_release(tmp_path: Path) -> None:
@@ -34,7 +34,7 @@ def test_a_killed_owner_leaves_a_stale_file_that_is_taken_over(tmp_path: Path) -
     path = tmp_path / "edm.pid"
     code = (
         "import sys, time; sys.path.insert(0, sys.argv[2]);"
-        "from pathlib import Path; from edm.pidfile import Pidfile;"
+        "from pathlib import Path; from edm.daemon.pidfile import Pidfile;"
         "Pidfile(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)"
     )
     root = str(Path(__file__).resolve().parent.parent)

@@ -93,9 +93,9 @@ def test_naming_a_user_without_root_fails(make_env) -> None:
         # nobody before the CLI runs.
         script = (
             "import os, sys; sys.path.insert(0, sys.argv[1]);"
-            "import edm.cli, edm.daemon, edm.runner;"
+            "import edm.cli.main, edm.daemon.process, edm.daemon.serve;"
             f"os.setgroups([]); os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid});"
-            "sys.exit(edm.cli.main(['--config', sys.argv[2], 'start']))"
+            "sys.exit(edm.cli.main.main(['--config', sys.argv[2], 'start']))"
         )
         result = subprocess.run(
             [sys.executable, "-c", script, str(ROOT), str(config)],
@@ -113,7 +113,7 @@ def test_naming_a_user_without_root_fails(make_env) -> None:
 
 def test_drop_privileges_proves_root_is_gone() -> None:
     """In a forked child: after the drop, setuid(0) fails and every id is the target's."""
-    from edm.daemon import drop_privileges, resolve_identity
+    from edm.daemon.process import drop_privileges, resolve_identity
 
     identity = resolve_identity("nobody", None)
     assert identity is not None

@@ -14,9 +14,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from edm.config import Config, parse
-from edm.errors import EdmError
-from edm.publish import (
+from edm.cli.publish import (
     bodies_from_args,
     bodies_from_file,
     bodies_from_lines,
@@ -24,6 +22,8 @@ from edm.publish import (
     read_bodies,
     run_publish,
 )
+from edm.config import Config, parse
+from edm.errors import EdmError
 
 BROKER_URL = os.environ.get("EDM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 
@@ -252,7 +252,7 @@ def test_dash_means_stdin():
 
 def test_the_reader_stays_within_a_bounded_distance_of_the_broker(route):
     """Huge input must not be slurped: reading runs at most ~2 windows ahead of confirms."""
-    from edm.publish import _Publisher
+    from edm.cli.publish import _Publisher
 
     exchange, _queue, key = route
     window = 200

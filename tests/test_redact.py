@@ -196,7 +196,7 @@ def test_a_name_holding_the_password_stays_whole(password: str, parts: list[str]
 def test_the_module_and_the_status_command_load_no_pika_and_no_other_edm_module() -> None:
     probe = (
         "import sys, edm.redact; first = sorted(m for m in sys.modules if m.startswith(('edm', 'pika')));"
-        "import edm.cli; print(first, 'pika' in sys.modules)"
+        "import edm.cli.main; print(first, 'pika' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True

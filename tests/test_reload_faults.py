@@ -291,8 +291,8 @@ def test_a_receiver_thread_that_dies_takes_its_worker_down_to_be_restarted(
 
 def test_the_spool_takes_over_nothing_from_itself(tmp_path: Path) -> None:
     """A reload naming the same spool file by another path moves nothing and loses nothing."""
-    from edm.plugins.fee_parse import parse_request
-    from edm.plugins.fee_spool import Spool
+    from edm.plugins.fee.parse import parse_request
+    from edm.plugins.fee.spool import Spool
 
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")

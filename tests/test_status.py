@@ -10,7 +10,7 @@ from typing import Any
 
 from conftest import EdmEnv, wait_for
 
-from edm.status import WORKER_KEYS, describe, document
+from edm.cli.status import WORKER_KEYS, describe, document
 
 MASKED = "amqp://guest:***@127.0.0.1:5672/%2F"
 TOP_KEYS = {

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from edm.cli.tail import BLOCK, last_lines, run_tail
 from edm.config import Config, parse
 from edm.logs import DailyLog
-from edm.tail import BLOCK, last_lines, run_tail
 
 DAY1 = dt.datetime(2024, 3, 9, 23, 59, 58).timestamp()  # local time, like the log files
 DAY2 = dt.datetime(2024, 3, 10, 0, 0, 1).timestamp()

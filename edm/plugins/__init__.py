@@ -43,7 +43,7 @@ def build(config: Config, database: Database | None) -> list[Plugin]:
     """Instantiate the enabled plugins; imports (pyzmq) happen only here."""
     plugins: list[Plugin] = []
     if config.plugins.fee.enabled:
-        from edm.plugins.fee import FeePlugin
+        from edm.plugins.fee.receiver import FeePlugin
 
         assert database is not None
         plugins.append(FeePlugin(config, database))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edm_test_handlers import fail_poison
 
-from edm.consumer import Message
+from edm.handlers import Message
 
 GATE_WAIT = 120.0  # seconds; a test that never opens its gate still ends
 

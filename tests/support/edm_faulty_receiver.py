@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from edm.cli import main
-from edm.plugins.fee import FeePlugin
+from edm.cli.main import main
+from edm.plugins.fee.receiver import FeePlugin
 
 DIE_TICKET = 666
 

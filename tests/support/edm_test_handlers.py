@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from edm.consumer import Message
-from edm.handlers import log_message
+from edm.handlers import Message, log_message
 
 log = logging.getLogger(__name__)
 

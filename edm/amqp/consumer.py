@@ -29,18 +29,19 @@ import pika.frame
 import pika.spec
 from pika.adapters.select_connection import IOLoop
 
-from edm.broker import describe, insecure_tls_warning, parameters
+from edm.amqp.fastlane import FastLaneConnection, Lane, decode_properties
+from edm.amqp.ioloop import FlushingIOLoop
+from edm.amqp.params import describe, insecure_tls_warning, parameters
+from edm.amqp.topology import helper_queue_arguments, inequivalent_helper
 from edm.config import AmqpConfig
 from edm.errors import BrokerError, LogWriteError
-from edm.fastlane import FastLaneConnection, Lane, decode_properties
-from edm.ioloop import FlushingIOLoop
+from edm.handlers.api import Message, Reject
+from edm.handlers.loader import Bound, HandlerFactory
 from edm.metrics import Latency
 from edm.redact import mask_url
-from edm.topology import helper_queue_arguments, inequivalent_helper
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[["Message"], object]
 Emit = Callable[[dict[str, Any]], None]
 
 RETRY_DELAY = 0.2  # seconds before the first retry of a failing handler; doubles each time
@@ -48,49 +49,6 @@ RETRY_DELAY_MAX = 5.0
 DEAD_RETRY_FIRST = 1.0  # seconds before a failed .dead declaration is tried again; doubles
 DEPTH_INTERVAL = 5.0  # seconds between passive declares that read the queue's depth for status
 PROBE_DELAY = 0.25  # seconds before the first probe of a failing log; doubles up to amqp.retry_max
-
-
-class Message:
-    """What a handler receives.
-
-    ``properties`` may arrive still encoded (from the fast lane); they and ``headers`` are
-    decoded on first use, so a handler that only reads the body never pays for them.
-    """
-
-    __slots__ = ("_headers", "_properties", "body", "redelivered", "routing_key")
-
-    def __init__(
-        self,
-        body: bytes,
-        headers: dict[str, Any] | None,
-        routing_key: str,
-        redelivered: bool,
-        properties: pika.BasicProperties | bytes,
-    ) -> None:
-        self.body = body
-        self._headers = headers
-        self.routing_key = routing_key
-        self.redelivered = redelivered
-        self._properties = properties
-
-    @property
-    def properties(self) -> pika.BasicProperties:
-        properties = self._properties
-        if isinstance(properties, bytes):
-            properties = self._properties = decode_properties(properties)
-        return properties
-
-    @property
-    def headers(self) -> dict[str, Any]:
-        if self._headers is None:
-            self._headers = self.properties.headers or {}
-        return self._headers
-
-    def __repr__(self) -> str:
-        return (
-            f"Message(routing_key={self.routing_key!r}, redelivered={self.redelivered}, "
-            f"{len(self.body)} bytes)"
-        )
 
 
 # (generation, delivery tag, message)
@@ -126,9 +84,13 @@ class _LogFailure:
 class Consumer:
     """Consumes ``amqp.queue`` until stopped; survives connection loss on its own."""
 
-    def __init__(self, amqp: AmqpConfig, handler: Handler, emit: Emit, ioloop: IOLoop | None = None) -> None:
+    def __init__(
+        self, amqp: AmqpConfig, handlers: HandlerFactory, emit: Emit, ioloop: IOLoop | None = None
+    ) -> None:
         self.amqp = amqp
-        self.handler = handler
+        self.handlers = handlers
+        self.bound = handlers.build()  # raises ConfigError naming amqp.handler
+        self.handler = self.bound.call
         self.ioloop = ioloop or FlushingIOLoop()
         self._emit = emit
         self._connection: FastLaneConnection | None = None
@@ -142,7 +104,7 @@ class Consumer:
         self._reconnect_timer: object | None = None
         self._state = "starting"
         self._stopping = False
-        self._pending: tuple[AmqpConfig, Handler] | None = None
+        self._pending: tuple[AmqpConfig, HandlerFactory, Bound] | None = None
         self._draining = False
         self._interrupt = threading.Event()  # ends a retry's wait early on stop
         self._publish_seq = 0
@@ -229,11 +191,18 @@ class Consumer:
         log.info("Stopping the consumer after the message in hand.")
         self._drain()
 
-    def reload(self, amqp: AmqpConfig, handler: Handler) -> None:
-        """Apply new AMQP settings: drain, close, reconnect with them. Nothing is lost."""
-        if amqp == self.amqp and handler is self.handler:
+    def reload(self, amqp: AmqpConfig, handlers: HandlerFactory) -> None:
+        """Apply new AMQP settings: drain, close, reconnect with them. Nothing is lost.
+
+        The new handler is built at once (ConfigError, and nothing changes, if it cannot be);
+        it replaces the running one, which is closed, once the message in hand is finished.
+        """
+        if amqp == self.amqp and handlers == self.handlers:
             return
-        self._pending = (amqp, handler)
+        bound = handlers.build()
+        if self._pending is not None:
+            self._pending[2].release()  # a reload that never applied: its handler goes
+        self._pending = (amqp, handlers, bound)
         log.info("Applying new AMQP settings (queue %s).", amqp.queue)
         self._drain()
 
@@ -337,11 +306,17 @@ class Consumer:
         self._fail_dead_pending()
         if self._stopping:
             self._set_state("stopped")
+            self.bound.release()
+            if self._pending is not None:
+                self._pending[2].release()
             self._end_loop()
             return
         if self._pending is not None:
-            self.amqp, self.handler = self._pending
+            old = self.bound
+            self.amqp, self.handlers, self.bound = self._pending
+            self.handler = self.bound.call
             self._pending = None
+            old.release()
             self._warn_insecure()
             self._draining = False
             self._url_index = 0
@@ -585,14 +560,14 @@ class Consumer:
         properties: pika.BasicProperties,
         body: bytes,
     ) -> None:
-        message = Message(body, None, method.routing_key, method.redelivered, properties)
+        message = Message(body, method.routing_key, method.redelivered, properties)
         self._deliveries.append((self._generation, method.delivery_tag, message))
 
     def _on_fast_delivery(
         self, delivery_tag: int, redelivered: bool, routing_key: str, properties: bytes, body: bytes
     ) -> None:
         """The fast lane's delivery: the same as ``_on_message``, properties still encoded."""
-        message = Message(body, None, routing_key, redelivered, properties)
+        message = Message(body, routing_key, redelivered, properties, decode_properties)
         self._deliveries.append((self._generation, delivery_tag, message))
 
     def _handle_deliveries(self) -> None:
@@ -646,6 +621,9 @@ class Consumer:
             self.handler(message)
         except LogWriteError as exc:  # the disk's fault, not the message's
             return _Outcome("held", error=str(exc), failure=exc)
+        except Reject as exc:
+            self.latency.observe(time.perf_counter() - started)
+            return _Outcome("dead", error=f"Reject: {exc.reason}", attempts=message.attempts)
         except Exception as exc:  # noqa: BLE001 - any handler failure is retried or dead-lettered
             self.latency.observe(time.perf_counter() - started)
             return self._retry(message, exc)
@@ -676,6 +654,8 @@ class Consumer:
                 return _Outcome("ok", attempts=attempts)
             except LogWriteError as failure:
                 return _Outcome("held", error=str(failure), failure=failure)
+            except Reject as rejected:
+                return _Outcome("dead", error=f"Reject: {rejected.reason}", attempts=attempts)
             except Exception as again:  # noqa: BLE001
                 exc = again
 

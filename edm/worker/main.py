@@ -24,13 +24,15 @@ from typing import Any
 
 from pika.adapters.select_connection import PollEvents
 
-from edm import handlers, plugins
-from edm.config import Config, load_handler
-from edm.consumer import Consumer, Handler
+from edm import plugins
+from edm.amqp.consumer import Consumer
+from edm.config import Config
+from edm.daemon.spawn import EXIT_BOOT, EXIT_CRASH, EXIT_OK, send_event
 from edm.errors import EdmError
+from edm.handlers import loader as handler_loader
+from edm.handlers.log import MessageLog, use
 from edm.logs import DailyLog, setup_logging
 from edm.redact import secrets_of
-from edm.worker import EXIT_BOOT, EXIT_CRASH, EXIT_OK, send_event
 
 log = logging.getLogger(__name__)
 
@@ -74,37 +76,33 @@ def consumer_main(config: Config, conn: Connection) -> int:
     try:
         daily = open_daily(config)
         setup_logging(daily, config.log.level, secrets_of(config))
-        handler: Handler = load_handler(config.amqp.handler)
+        sink = MessageLog(daily, config.log.max_line)
+        use(sink)
+        consumer = Consumer(config.amqp, _handlers(config), lambda snap: send_event(conn, "state", **snap))
     except (EdmError, OSError) as exc:
         send_event(conn, "fatal", error=str(exc))
         return EXIT_BOOT
-    sink = handlers.MessageLog(daily, config.log.max_line)
-    handlers.bind(sink)
-    consumer = Consumer(config.amqp, handler, lambda snap: send_event(conn, "state", **snap))
     ioloop = consumer.ioloop  # the consumer's own loop (it flushes acks): signals share it
     signals = SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP))
     parent = os.getppid()
 
     def apply(new: Config) -> None:
-        nonlocal config, handler
+        nonlocal config
         lc = new.log
         daily.reconfigure(lc.dir, lc.name, keep_days=lc.keep_days, fsync=lc.fsync)
         sink.max_line = lc.max_line
         setup_logging(daily, lc.level, secrets_of(new))
         error = None
-        if new.amqp.handler != config.amqp.handler:
-            try:
-                handler = load_handler(new.amqp.handler)
-            except EdmError as exc:
-                # The new amqp settings may be meant for the new handler: keep them all.
-                others = replace(new.amqp, handler=config.amqp.handler) != config.amqp
-                error = f"{exc}; keeping {config.amqp.handler}" + (
-                    " and the running amqp settings" if others else ""
-                )
-                log.error("%s", error)
-                new = replace(new, amqp=config.amqp)
+        try:
+            consumer.reload(new.amqp, _handlers(new))
+        except EdmError as exc:
+            # The new amqp settings may be meant for the new handler: keep them all.
+            a, b = new.amqp, config.amqp
+            others = replace(a, handler=b.handler, handler_options=b.handler_options) != b
+            error = f"{exc}; keeping {b.handler}" + (" and the running amqp settings" if others else "")
+            log.error("%s", error)
+            new = replace(new, amqp=config.amqp)
         config = new
-        consumer.reload(new.amqp, handler)
         send_event(conn, "reloaded", config=new, error=error)
 
     def on_signal(_fd: int, _events: int) -> None:
@@ -143,6 +141,10 @@ def consumer_main(config: Config, conn: Connection) -> int:
     send_event(conn, "state", **consumer.snapshot())  # the last counts, for the metrics
     log.info("The consumer stopped (%d messages handled).", consumer.handled)
     return EXIT_OK
+
+
+def _handlers(config: Config) -> handler_loader.HandlerFactory:
+    return handler_loader.load(config.amqp.handler, config.amqp.handler_options)
 
 
 def plugins_main(config: Config, conn: Connection) -> int:

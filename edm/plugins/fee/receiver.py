@@ -100,11 +100,11 @@ from edm.config import Config, FeeConfig, FeeCurve
 from edm.db import Database, Session
 from edm.errors import DatabaseError, DatabaseUnavailable, EdmError
 from edm.logs import escape_body
-from edm.plugins.fee_auth import Gate, load_server_keys
-from edm.plugins.fee_guard import PeerCap
-from edm.plugins.fee_parse import MAX_REQUEST, Fee, MalformedRequest, parse_request
-from edm.plugins.fee_sink import Put, Sink
-from edm.plugins.fee_spool import Spool
+from edm.plugins.fee.auth import Gate, load_server_keys
+from edm.plugins.fee.guard import PeerCap
+from edm.plugins.fee.parse import MAX_REQUEST, Fee, MalformedRequest, parse_request
+from edm.plugins.fee.sink import Put, Sink
+from edm.plugins.fee.spool import Spool
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from typing import Any
 
 from edm import __version__, metrics, plugins
 from edm.config import Config, load
+from edm.daemon.pidfile import Pidfile
+from edm.daemon.spawn import EXIT_BOOT, spawn
+from edm.daemon.statusfile import remove_state, status_path, write_state
 from edm.errors import ConfigError
 from edm.logs import DailyLog
-from edm.pidfile import Pidfile
-from edm.service import WORKERS, SignalPipe
-from edm.state import remove_state, status_path, write_state
-from edm.worker import EXIT_BOOT, spawn
+from edm.worker.main import WORKERS, SignalPipe
 
 log = logging.getLogger(__name__)
 

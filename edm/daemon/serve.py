@@ -8,13 +8,13 @@ from collections.abc import Callable
 
 from edm import plugins
 from edm.config import Config
-from edm.daemon import READY, drop_privileges, make_dirs, resolve_identity
+from edm.daemon.pidfile import Pidfile
+from edm.daemon.process import READY, drop_privileges, make_dirs, resolve_identity
+from edm.daemon.supervisor import Supervisor
 from edm.errors import AlreadyRunning, EdmError
 from edm.logs import setup_logging
-from edm.pidfile import Pidfile
 from edm.redact import secrets_of
-from edm.service import open_daily
-from edm.supervisor import Supervisor
+from edm.worker.main import open_daily
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ def _preload(config: Config) -> None:
     be closed to the target user, and a worker forks from us with these modules loaded)."""
     import importlib
 
-    modules = ["edm.consumer", "edm.service", "edm.handlers", "pika.adapters.select_connection"]
+    modules = ["edm.amqp.consumer", "edm.worker.main", "edm.handlers", "pika.adapters.select_connection"]
     if plugins.enabled(config):
-        modules += ["edm.db", "edm.plugins.fee", "pymysql", "dbutils.pooled_db", "zmq", "sqlite3"]
+        modules += ["edm.db", "edm.plugins.fee.receiver", "pymysql", "dbutils.pooled_db", "zmq", "sqlite3"]
     for name in modules:
         try:
             importlib.import_module(name)

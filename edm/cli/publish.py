@@ -28,7 +28,7 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
-from edm.broker import describe, insecure_tls_warning, parameters
+from edm.amqp.params import describe, insecure_tls_warning, parameters
 from edm.config import AmqpTlsConfig, Config
 from edm.errors import BrokerError, EdmError
 from edm.redact import mask_text, mask_url

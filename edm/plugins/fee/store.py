@@ -17,7 +17,7 @@ from typing import Any
 
 from edm.db import Pending, Transactions
 from edm.errors import DatabaseError, DatabaseUnavailable
-from edm.plugins.fee_parse import Fee
+from edm.plugins.fee.parse import Fee
 
 # Rows per statement: well under sqlite's bound-parameter limit and MySQL's packet size.
 CHUNK = 500

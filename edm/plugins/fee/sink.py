@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 from edm.db import Session
 from edm.errors import DatabaseError
-from edm.plugins import fee_store
-from edm.plugins.fee_parse import Fee
-from edm.plugins.fee_spool import Spool
+from edm.plugins.fee import store as fee_store
+from edm.plugins.fee.parse import Fee
+from edm.plugins.fee.spool import Spool
 
 log = logging.getLogger(__name__)
 

@@ -98,9 +98,9 @@ def publish(
     """Publish persistent, mandatory messages with publisher confirms; count what was confirmed.
 
     Raises BrokerError when no URL connects or the connection fails before any confirm.
-    Unroutable and nacked messages count as failed. See ``edm.publish`` for the details.
+    Unroutable and nacked messages count as failed. See ``edm.cli.publish`` for the details.
     """
-    from edm.publish import publish_bodies  # edm.publish builds on this module
+    from edm.cli.publish import publish_bodies  # edm.cli.publish builds on this module
 
     report = publish_bodies(urls, exchange, routing_key, bodies)
     if report.error and report.published == 0:

@@ -28,7 +28,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from edm.broker import describe, insecure_tls_warning, parameters
+from edm.amqp.params import describe, insecure_tls_warning, parameters
 from edm.config import Config
 from edm.errors import BrokerError
 from edm.logs import escape_body

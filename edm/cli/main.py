@@ -19,13 +19,13 @@ from edm.config import (
     find_config,
     load,
     load_essentials,
-    load_handler,
     password_warning,
 )
+from edm.daemon.pidfile import PidState, read_status
+from edm.daemon.statusfile import read_state, status_path
 from edm.errors import ConfigError, EdmError, PidfileError
-from edm.pidfile import PidState, read_status
+from edm.handlers import loader as handler_loader
 from edm.redact import mask_text
-from edm.state import read_state, status_path
 
 # Exit codes, LSB where the init script passes them through.
 OK = 0
@@ -48,10 +48,10 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _check_startable(config: Config) -> None:
-    """What can be found out before forking: a handler that cannot be imported, a user switch."""
-    from edm.daemon import resolve_identity
+    """What can be found out before forking: a user switch. The handler is loaded by the worker
+    alone (never in the main process); a worker that cannot load it fails the start."""
+    from edm.daemon.process import resolve_identity
 
-    load_handler(config.amqp.handler)
     resolve_identity(config.daemon.user, config.daemon.group)
 
 
@@ -59,8 +59,8 @@ def _check_startable(config: Config) -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from edm.daemon import detach
-    from edm.runner import serve
+    from edm.daemon.process import detach
+    from edm.daemon.serve import serve
 
     config = _load(args)
     status = read_status(config.daemon.pidfile)
@@ -80,14 +80,14 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edm.runner import serve
+    from edm.daemon.serve import serve
 
     config = _load(args)
     _check_startable(config)
     failure: list[str] = []
 
     def report(message: bytes) -> None:
-        from edm.daemon import READY
+        from edm.daemon.process import READY
 
         if not message.startswith(READY):
             failure.append(message.decode("utf-8", "replace"))
@@ -234,7 +234,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from edm import status as report
+    from edm.cli import status as report
 
     try:
         config = _essentials(args)
@@ -264,7 +264,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     config = _load(args)
-    load_handler(config.amqp.handler)
+    handler_loader.load(config.amqp.handler, config.amqp.handler_options)  # imported, not built
     status = read_status(config.daemon.pidfile)
     if status.state is not PidState.RUNNING or status.pid is None:
         print("edm is not running")
@@ -283,7 +283,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
-    load_handler(config.amqp.handler)
+    handler_loader.load(config.amqp.handler, config.amqp.handler_options)  # imported, not built
     pw = password_warning(config)
     for warning in [pw] if pw else []:
         print(f"warning: {mask_text(warning)}")
@@ -292,7 +292,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from edm.publish import read_bodies, run_publish
+    from edm.cli.publish import read_bodies, run_publish
 
     config = _load(args)
     bodies = read_bodies(args.body, args.file)
@@ -308,7 +308,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from edm.keys import new_pair
+    from edm.cli.keys import new_pair
 
     public, secret = new_pair(Path(args.path))
     print(f"wrote {secret} (secret, mode 0600) and {public} (public: hand this one to the other side)")
@@ -316,13 +316,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from edm.tail import run_tail
+    from edm.cli.tail import run_tail
 
     return run_tail(_load(args), args.lines, args.follow)
 
 
 def cmd_dead(args: argparse.Namespace) -> int:
-    from edm import dead
+    from edm.cli import dead
 
     if args.action == "purge" and not args.yes:
         print("edm dead: purge deletes every dead letter; add --yes to do it", file=sys.stderr)

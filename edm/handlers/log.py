@@ -1,8 +1,8 @@
-"""Message handlers. The default one writes each message as one escaped line of the daily log.
+"""The built-in ``log`` handler: each message as one escaped line of the daily log.
 
-A handler is any ``module:function`` called as ``handler(message)``; it returns to have the
-message acked or raises to have it retried and, in the end, dead-lettered. The consumer
-worker binds the message log before the first message arrives.
+``log_message`` is a function, so that a handler of one's own can call it to log what it
+handled. It writes to the message log the consumer worker binds with ``use`` before the first
+message arrives and on every reload (one per process: the daily log is the process's).
 
 ``LogWriteError`` (the log cannot take the line: disk full, I/O error) is the one exception
 that says nothing about the message: the consumer gives the message back to the queue and
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from edm.logs import DailyLog, message_text
 
 if TYPE_CHECKING:
-    from edm.consumer import Message
+    from edm.handlers.api import Message
 
 
 class MessageLog:
@@ -27,10 +27,6 @@ class MessageLog:
         self.daily = daily
         self.max_line = max_line
 
-    def line(self, body: bytes, redelivered: bool) -> bytes:
-        marker = b"[redelivered] (+) " if redelivered else b"(+) "
-        return marker + message_text(body, self.max_line)
-
     def write(self, message: Message) -> None:
         marker = b"[redelivered] (+) " if message.redelivered else b"(+) "
         self.daily.write_bytes("INFO", marker, message_text(message.body, self.max_line))
@@ -39,7 +35,7 @@ class MessageLog:
 _sink: MessageLog | None = None
 
 
-def bind(sink: MessageLog | None) -> None:
+def use(sink: MessageLog | None) -> None:
     """Set where log_message writes (the consumer worker does this at boot and on reload)."""
     global _sink
     _sink = sink
@@ -51,5 +47,5 @@ def log_message(message: Message) -> None:
     Raises LogWriteError, with nothing of the line left in the file, when the log cannot take it.
     """
     if _sink is None:
-        raise RuntimeError("edm.handlers.log_message: no message log is bound")
+        raise RuntimeError("edm.handlers.log_message: no message log is in use")
     _sink.write(message)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edm.logs import escape_body
-from edm.plugins.fee_parse import Fee, MalformedRequest, parse_request
+from edm.plugins.fee.parse import Fee, MalformedRequest, parse_request
 
 log = logging.getLogger(__name__)
 

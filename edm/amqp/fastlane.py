@@ -40,7 +40,7 @@ import pika.spec
 from pika.adapters.select_connection import SelectConnection
 from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlainTransport
 
-from edm.ioloop import FlushingIOLoop
+from edm.amqp.ioloop import FlushingIOLoop
 
 log = logging.getLogger(__name__)
 
