@@ -43,7 +43,7 @@ README = ROOT / "README.md"
 FENCE = re.compile(r"^(?P<indent>[ ]*)```(?P<lang>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ ]*$", re.M | re.S)
 MARKER = re.compile(r"<!--\s*readme-test:\s*(?P<state>[\w-]+)\s*-->\s*$")
 STATES = {"running", "stopped", "stale", "broker-down", "checkout"}
-KNOWN_LANGS = {"sh", "console", "text", "yaml"}
+KNOWN_LANGS = {"sh", "console", "text", "yaml", "python"}
 EXIT = re.compile(r"#\s*exit (\d+)\b")
 UNTIL_INTERRUPTED = "until Ctrl-C"
 SECTIONS = {
@@ -107,6 +107,13 @@ def test_every_block_is_tagged_and_every_sh_block_is_collected() -> None:
     assert len(SH_BLOCKS) == len(re.findall(r"^[ ]*```sh[ ]*$", text, re.M))
     assert all(b.state in STATES for b in found), [(b.line, b.state) for b in found]
     assert sum(len(commands(b.body)) for b in SH_BLOCKS) >= 25
+
+
+def test_python_blocks_compile() -> None:
+    python = [b for b in blocks(README.read_text(encoding="utf-8")) if b.lang == "python"]
+    assert python, "the Handlers section shows a handler class"
+    for block in python:
+        compile(block.body, f"README.md:{block.line}", "exec")
 
 
 def test_the_quick_start_test_command_is_what_ci_runs() -> None:
