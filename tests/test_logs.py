@@ -8,10 +8,12 @@ import os
 import time
 from pathlib import Path
 
+import pika
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edm.handlers import Message
 from edm.handlers.log import MessageLog
 from edm.logs import DailyLog, escape_body, escape_body_bytes, message_text, unescape_body
 
@@ -112,9 +114,9 @@ def test_line_after_midnight_goes_to_the_next_days_file(tmp_path: Path) -> None:
     clock = FakeClock(dt.datetime(2026, 3, 1, 23, 59, 59, 500000))
     daily = DailyLog(tmp_path, "edm", clock=clock)
     sink = MessageLog(daily)
-    daily.write_bytes("INFO", sink.line(b"before midnight", False))
+    sink.write(Message(b"before midnight", "rk", False, pika.BasicProperties()))
     clock.now += 1.0  # 00:00:00.5 the next day
-    daily.write_bytes("INFO", sink.line(b"after\nmidnight", True))
+    sink.write(Message(b"after\nmidnight", "rk", True, pika.BasicProperties()))
     first = (tmp_path / "edm.2026-03-01.log").read_text()
     second = (tmp_path / "edm.2026-03-02.log").read_text()
     assert first == "2026-03-01 23:59:59,500 INFO (+) before midnight\n"
