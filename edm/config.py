@@ -66,6 +66,7 @@ class AmqpConfig:
     handler: str = "edm.handlers:log_message"  # or a built-in name: log (the same), smtp
     handler_options: Mapping[str, Any] = field(default_factory=dict)
     max_retries: int = 3
+    workers: int = 1  # consumer processes, each with its own connection, each supervised alone
     tls: AmqpTlsConfig = field(default_factory=AmqpTlsConfig)
 
 
@@ -266,8 +267,19 @@ def _parse_amqp(raw: Mapping[str, Any], environ: Mapping[str, str], base: Path) 
         handler=handler,
         handler_options=dict(options),
         max_retries=_int(raw, "max_retries", "amqp", d.max_retries, 0),
+        workers=_workers(raw),
         tls=_parse_amqp_tls(raw.get("tls"), base),
     )
+
+
+MAX_WORKERS = 64
+
+
+def _workers(raw: Mapping[str, Any]) -> int:
+    value = _int(raw, "workers", "amqp", AmqpConfig().workers, 1)
+    if value > MAX_WORKERS:
+        raise ConfigError(f"amqp.workers: must be an integer between 1 and {MAX_WORKERS}")
+    return value
 
 
 def _parse_amqp_tls(raw: Any, base: Path) -> AmqpTlsConfig:

@@ -72,6 +72,9 @@ class FakeSpawn:
             end.close()
 
 
+Machine = tuple[Supervisor, Clock, FakeSpawn]
+
+
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "mq.yaml"
@@ -85,7 +88,7 @@ def config_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def machine(config_file: Path) -> Iterator[tuple[Supervisor, Clock, FakeSpawn]]:
+def machine(config_file: Path) -> Iterator[Machine]:
     """A supervisor whose one worker (the consumer) was started at the fake time 1000."""
     config = load(config_file)
     clock, spawner = Clock(), FakeSpawn()
@@ -115,7 +118,7 @@ def run_until_running(supervisor: Supervisor, clock: Clock, worker: Worker) -> N
 
 
 def test_starting_becomes_running_only_after_ready_and_the_grace_time(
-    machine: tuple[Supervisor, Clock, FakeSpawn],
+    machine: Machine,
 ) -> None:
     supervisor, clock, _ = machine
     worker = supervisor.workers["consumer"]
@@ -131,7 +134,7 @@ def test_starting_becomes_running_only_after_ready_and_the_grace_time(
     assert supervisor.snapshot()["workers"]["consumer"]["state"] == "RUNNING"
 
 
-def test_ready_early_still_waits_for_the_grace_time(machine: tuple[Supervisor, Clock, FakeSpawn]) -> None:
+def test_ready_early_still_waits_for_the_grace_time(machine: Machine) -> None:
     supervisor, clock, _ = machine
     worker = supervisor.workers["consumer"]
     ready(supervisor, worker)
@@ -144,7 +147,7 @@ def test_ready_early_still_waits_for_the_grace_time(machine: tuple[Supervisor, C
 
 
 def test_deaths_back_off_with_a_growing_delay_and_count_restarts(
-    machine: tuple[Supervisor, Clock, FakeSpawn],
+    machine: Machine,
 ) -> None:
     supervisor, clock, spawner = machine
     worker = supervisor.workers["consumer"]
@@ -169,7 +172,7 @@ def test_deaths_back_off_with_a_growing_delay_and_count_restarts(
 
 
 def test_a_worker_that_ran_long_starts_the_back_off_over(
-    machine: tuple[Supervisor, Clock, FakeSpawn],
+    machine: Machine,
 ) -> None:
     supervisor, clock, _ = machine
     worker = supervisor.workers["consumer"]
@@ -186,7 +189,7 @@ def test_a_worker_that_ran_long_starts_the_back_off_over(
 
 
 def test_fatal_after_repeated_fast_failures_until_a_reload(
-    machine: tuple[Supervisor, Clock, FakeSpawn], caplog: pytest.LogCaptureFixture
+    machine: Machine, caplog: pytest.LogCaptureFixture
 ) -> None:
     supervisor, clock, spawner = machine
     worker = supervisor.workers["consumer"]
@@ -212,7 +215,7 @@ def test_fatal_after_repeated_fast_failures_until_a_reload(
 
 
 def test_a_failure_after_running_does_not_count_toward_fatal(
-    machine: tuple[Supervisor, Clock, FakeSpawn],
+    machine: Machine,
 ) -> None:
     supervisor, clock, _ = machine
     worker = supervisor.workers["consumer"]
@@ -231,7 +234,7 @@ def test_a_failure_after_running_does_not_count_toward_fatal(
 
 
 def test_a_worker_that_cannot_start_waits_at_least_a_second(
-    machine: tuple[Supervisor, Clock, FakeSpawn],
+    machine: Machine,
 ) -> None:
     supervisor, clock, _ = machine
     worker = supervisor.workers["consumer"]
@@ -243,7 +246,7 @@ def test_a_worker_that_cannot_start_waits_at_least_a_second(
 
 
 def test_a_stopping_worker_that_dies_is_stopped_not_restarted(
-    machine: tuple[Supervisor, Clock, FakeSpawn],
+    machine: Machine,
 ) -> None:
     supervisor, clock, spawner = machine
     worker = supervisor.workers["consumer"]
@@ -256,9 +259,7 @@ def test_a_stopping_worker_that_dies_is_stopped_not_restarted(
     assert len(spawner.started) == 1 and worker.restarts == 0
 
 
-def test_the_main_process_reload_applies_the_whole_log_section(
-    machine: tuple[Supervisor, Clock, FakeSpawn], config_file: Path
-) -> None:
+def test_the_main_process_reload_applies_the_whole_log_section(machine: Machine, config_file: Path) -> None:
     """Given INFO at start (DEBUG calls switched off by logging.disable), a reload to DEBUG
     must turn DEBUG on again, not only set the root level."""
     supervisor, _, _ = machine
@@ -272,3 +273,74 @@ def test_the_main_process_reload_applies_the_whole_log_section(
     supervisor.reload()
     assert logging.getLogger("edm.test").isEnabledFor(logging.DEBUG) is True
     assert os.path.exists(supervisor.daily.current_path)
+
+
+def set_workers(config_file: Path, count: int) -> None:
+    doc: dict[str, Any] = yaml.safe_load(config_file.read_text())
+    doc["amqp"]["workers"] = count
+    config_file.write_text(yaml.safe_dump(doc))
+
+
+def commands(worker: Worker, spawner: FakeSpawn) -> list[str]:
+    """What the supervisor sent the worker (read from the far end of its fake channel)."""
+    theirs = spawner._ends[spawner._ends.index(worker.conn) + 1] if worker.conn is not None else None
+    got = []
+    while theirs is not None and theirs.poll():
+        got.append(theirs.recv()[0])
+    return got
+
+
+def test_a_reload_that_raises_amqp_workers_starts_only_the_new_ones(
+    machine: Machine, config_file: Path
+) -> None:
+    supervisor, clock, spawner = machine
+    first = supervisor.workers["consumer"]
+    run_until_running(supervisor, clock, first)
+    set_workers(config_file, 3)
+    supervisor.reload()
+    assert list(supervisor.workers) == ["consumer", "consumer-2", "consumer-3"]
+    assert first.state is WorkerState.RUNNING and first.pid == 40001  # not restarted...
+    assert commands(first, spawner) == ["reload"]  # ...told to reload
+    assert [w.state for w in supervisor.workers.values()][1:] == [WorkerState.STARTING] * 2
+    assert len(spawner.started) == 3
+
+
+def test_a_reload_that_lowers_amqp_workers_stops_the_extra_ones(machine: Machine, config_file: Path) -> None:
+    supervisor, clock, spawner = machine
+    set_workers(config_file, 3)
+    supervisor.reload()
+    for worker in supervisor.workers.values():
+        run_until_running(supervisor, clock, worker)
+    set_workers(config_file, 1)
+    supervisor.reload()
+    second, third = supervisor.workers["consumer-2"], supervisor.workers["consumer-3"]
+    assert second.state is third.state is WorkerState.STOPPING
+    assert commands(second, spawner) == ["stop"]  # started by the first reload: only told to stop
+    assert commands(supervisor.workers["consumer"], spawner)[-1] == "reload"
+    supervisor.on_death(second, 0)
+    assert list(supervisor.workers) == ["consumer", "consumer-3"]
+    # One that does not stop within daemon.stop_timeout is killed (its pid is fake: gone)
+    clock.advance(supervisor.config.daemon.stop_timeout)
+    supervisor.manage()
+    assert third.stop_deadline is None
+    supervisor.on_death(third, KILLED)
+    assert list(supervisor.workers) == ["consumer"]
+    assert list(supervisor.snapshot()["workers"]) == ["consumer"]
+
+
+def test_each_consumer_process_is_restarted_alone(machine: Machine, config_file: Path) -> None:
+    supervisor, clock, _ = machine
+    set_workers(config_file, 3)
+    supervisor.reload()
+    for worker in supervisor.workers.values():
+        run_until_running(supervisor, clock, worker)
+    pids = {name: w.pid for name, w in supervisor.workers.items()}
+    second = supervisor.workers["consumer-2"]
+    supervisor.on_death(second, KILLED)
+    clock.now = second.restart_at
+    supervisor.manage()
+    assert second.state is WorkerState.STARTING and second.restarts == 1
+    assert second.pid not in pids.values()
+    others = {name: w.pid for name, w in supervisor.workers.items() if name != "consumer-2"}
+    assert others == {name: pid for name, pid in pids.items() if name != "consumer-2"}
+    assert [w["restarts"] for w in supervisor.snapshot()["workers"].values()] == [0, 1, 0]

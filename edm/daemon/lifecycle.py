@@ -29,6 +29,30 @@ STABLE_AFTER = 60.0  # a worker that ran this long before dying starts the back-
 FATAL_AFTER = 5  # deaths in a row before RUNNING
 
 
+CONSUMER = "consumer"
+PLUGINS = "plugins"
+
+
+def consumer_names(count: int) -> list[str]:
+    """``consumer``, ``consumer-2``, … : growing ``amqp.workers`` keeps the running ones."""
+    return [CONSUMER] + [f"{CONSUMER}-{n}" for n in range(2, count + 1)]
+
+
+def kind_of(name: str) -> str:
+    """The worker kind (``consumer``, ``plugins``) of a worker name."""
+    return name.partition("-")[0]
+
+
+def is_consumer(name: str) -> bool:
+    return kind_of(name) == CONSUMER
+
+
+def name_order(name: str) -> tuple[str, int]:
+    """Sort key: consumer, consumer-2, …, consumer-10, then plugins."""
+    kind, _, number = name.partition("-")
+    return kind, int(number) if number.isdigit() else 1
+
+
 class WorkerState(str, Enum):
     STARTING = "STARTING"
     RUNNING = "RUNNING"
@@ -70,6 +94,7 @@ class Worker:
     boot_failures: int = 0  # deaths in a row before RUNNING
     backoff: Backoff = field(default_factory=lambda: Backoff(BACKOFF_FIRST, BACKOFF_MAX))
     restart_at: float = 0.0
+    stop_deadline: float | None = None  # a worker a reload stopped is killed past this
     restarts: int = 0
     last_error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)  # its last state event
@@ -82,6 +107,7 @@ class Worker:
             self.restarts += 1
         self.pid, self.conn = pid, conn
         self.state, self.started_at, self.ready = WorkerState.STARTING, now, False
+        self.stop_deadline = None
         self.info = {}
 
     def promote(self, now: float) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 from edm import __version__, metrics, plugins
 from edm.config import Config, load
-from edm.daemon.lifecycle import Exit, Worker, WorkerState
+from edm.daemon.lifecycle import PLUGINS, Exit, Worker, WorkerState, consumer_names, kind_of
 from edm.daemon.pidfile import Pidfile
 from edm.daemon.spawn import EXIT_BOOT, STATE_INTERVAL, Command, Event, WorkerMain, send_command, spawn
 from edm.daemon.statusfile import (
@@ -67,7 +67,8 @@ class Supervisor:
     # -- start ---------------------------------------------------------------------------------
 
     def wanted(self) -> list[str]:
-        return ["consumer"] + (["plugins"] if plugins.enabled(self.config) else [])
+        """The worker processes the config asks for, by name."""
+        return consumer_names(self.config.amqp.workers) + ([PLUGINS] if plugins.enabled(self.config) else [])
 
     def boot(self, timeout: float = 30.0) -> str | None:
         """Start the workers and wait until each reports ready; the error text if one cannot."""
@@ -94,7 +95,8 @@ class Supervisor:
         return None
 
     def start_worker(self, worker: Worker) -> None:
-        pid, conn = self.spawner(WORKERS[worker.name], worker.config or self.config, self._close_in_child)
+        main = WORKERS[kind_of(worker.name)]
+        pid, conn = self.spawner(main, worker.config or self.config, self._close_in_child)
         worker.spawned(pid, conn, self.clock())
         log.info("Started the %s worker (pid %d).", worker.name, pid)
 
@@ -182,7 +184,7 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            for w in self.workers.values():
+            for w in list(self.workers.values()):
                 if w.pid == pid:
                     self.on_death(w, status)
 
@@ -194,6 +196,10 @@ class Supervisor:
         self.exporter.ledger.bank(worker.name)  # its counts stay counted; the next life adds to them
         end = Exit.of(status, EXIT_BOOT)
         delay = worker.died(end, self.clock())
+        if worker.state is WorkerState.STOPPED and worker.name not in self.wanted() and not self.stopping:
+            del self.workers[worker.name]  # a reload lowered amqp.workers: it is gone, not stopped
+            log.info("The %s worker stopped (no longer configured).", worker.name)
+            return
         if worker.state is WorkerState.FATAL:
             log.critical(
                 "The %s worker %s and failed %d times in a row at start; giving up (FATAL) until a reload.",
@@ -212,6 +218,11 @@ class Supervisor:
                 self.start_worker(worker)
             elif worker.promote(now):
                 self._next_report = 0.0  # publish the transition at once
+            elif worker.pid is not None and worker.stop_deadline is not None and now >= worker.stop_deadline:
+                timeout = self.config.daemon.stop_timeout
+                log.warning("%s", Killed(worker.name, worker.pid, timeout).message)
+                worker.stop_deadline = None
+                _kill(worker.pid, signal.SIGKILL)  # reaped by the loop
 
     # -- reload --------------------------------------------------------------------------------
 
@@ -248,9 +259,14 @@ class Supervisor:
                 self.start_worker(worker)
             elif worker.conn is not None:
                 self._send(worker, Command.RELOAD, new)
-        for name, worker in self.workers.items():
-            if name not in wanted and worker.pid is not None:
+        for name, worker in list(self.workers.items()):
+            if name in wanted:
+                continue
+            if worker.pid is None:  # in BACKOFF or FATAL: nothing runs, nothing to restart
+                del self.workers[name]
+            elif worker.state is not WorkerState.STOPPING:
                 worker.stopping()
+                worker.stop_deadline = self.clock() + new.daemon.stop_timeout
                 self._send(worker, Command.STOP)
 
     def _send(self, worker: Worker, command: Command, payload: Any = None) -> None:
