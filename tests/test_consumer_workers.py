@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import urllib.request
 from typing import Any
 
-from conftest import EdmEnv, wait_for
+from conftest import EdmEnv, free_port, wait_for
 
 NAMES = ["consumer", "consumer-2", "consumer-3"]
 
@@ -29,11 +30,23 @@ def all_consuming(env: EdmEnv, names: list[str]) -> bool:
 
 def test_three_consumer_processes_each_supervised_alone(edm_env: EdmEnv) -> None:
     # Given three consumer processes
+    listen = f"127.0.0.1:{free_port()}"
     edm_env.doc["amqp"]["workers"] = 3
+    edm_env.doc["metrics"] = {"listen": listen}
     edm_env.write_config()
     main = edm_env.start()
     wait_for(lambda: all_consuming(edm_env, NAMES), timeout=20)
     wait_for(lambda: edm_env._consumers() == 3)
+
+    # Then each is a connected consumer for the metrics, and the daemon is healthy
+    def connected() -> list[str]:
+        with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return [n for n in NAMES if f'edm_consumer_connected{{worker="{n}"}} 1.0' in text]
+
+    wait_for(lambda: connected() == NAMES)
+    with urllib.request.urlopen(f"http://{listen}/healthz", timeout=5) as response:
+        assert response.status == 200
 
     # Then status shows one line per process, and --json one entry each
     status = edm_env.cli("status")
