@@ -12,15 +12,26 @@ import os
 import pwd
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
+from edm.config_fields import boolean as _bool
+from edm.config_fields import integer as _int
+from edm.config_fields import keys_of as _keys
+from edm.config_fields import number as _number
+from edm.config_fields import optional_string as _optional_str
+from edm.config_fields import path as _path
+from edm.config_fields import readable_file as _readable_file
+from edm.config_fields import reject_unknown as _reject_unknown
+from edm.config_fields import string as _str
 from edm.errors import ConfigError
 from edm.handlers.api import BUILT_IN_HANDLERS
+from edm.plugins import PluginsConfig
+from edm.plugins import parse as parse_plugins
 from edm.redact import mask_url, passwords_in
 
 SYSTEM_CONFIG = Path("/etc/edm/mq.yaml")
@@ -55,6 +66,7 @@ class AmqpConfig:
     handler: str = "edm.handlers:log_message"  # or a built-in name: log (the same), smtp
     handler_options: Mapping[str, Any] = field(default_factory=dict)
     max_retries: int = 3
+    workers: int = 1  # consumer processes, each with its own connection, each supervised alone
     tls: AmqpTlsConfig = field(default_factory=AmqpTlsConfig)
 
 
@@ -97,28 +109,6 @@ class DatabaseConfig:
     pool_size: int = 8
     timeout: float = 5.0
     tls: DatabaseTls = field(default_factory=DatabaseTls)
-
-
-@dataclass(frozen=True)
-class FeeCurve:
-    """``plugins.fee.curve``: the server's secret certificate, the allowed clients' directory."""
-
-    secret_key_file: Path
-    clients_dir: Path
-
-
-@dataclass(frozen=True)
-class FeeConfig:
-    enabled: bool = False
-    listen: str = "tcp://127.0.0.1:5555"
-    table: str = "fee"
-    spool: Path = Path("run/fee.spool")
-    curve: FeeCurve | None = None
-
-
-@dataclass(frozen=True)
-class PluginsConfig:
-    fee: FeeConfig = field(default_factory=FeeConfig)
 
 
 @dataclass(frozen=True)
@@ -203,9 +193,7 @@ def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] = os.en
     log = _parse_log(_section(raw, "log"), base)
     daemon = _parse_daemon(_section(raw, "daemon"), base)
     database = _parse_database(_section(raw, "database"), environ, base)
-    plugins = _parse_plugins(_section(raw, "plugins"), base)
-    if plugins.fee.enabled and database.url is None:
-        raise ConfigError("database.url: required when plugins.fee.enabled is true")
+    plugins = parse_plugins(_section(raw, "plugins"), base, database.url)
     metrics = _parse_metrics(_section(raw, "metrics"))
     return Config(path, amqp, log, daemon, database, plugins, metrics)
 
@@ -217,67 +205,6 @@ def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{name}: must be a mapping")
     return value
-
-
-def _reject_unknown(prefix: str, raw: Mapping[str, Any], known: set[str]) -> None:
-    for key in raw:
-        if key not in known:
-            name = f"{prefix}{key}"
-            hint = ", ".join(sorted(known))
-            raise ConfigError(f"{name}: unknown key (expected one of: {hint})")
-
-
-def _keys(cls: type) -> set[str]:
-    return {f.name for f in fields(cls)}
-
-
-def _int(raw: Mapping[str, Any], key: str, prefix: str, default: int, minimum: int) -> int:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{prefix}.{key}: must be an integer >= {minimum}")
-    return value
-
-
-def _number(raw: Mapping[str, Any], key: str, prefix: str, default: float, minimum: float) -> float:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-        raise ConfigError(f"{prefix}.{key}: must be a number >= {minimum:g}")
-    if value != value or value == float("inf"):
-        raise ConfigError(f"{prefix}.{key}: must be a finite number")
-    return float(value)
-
-
-def _bool(raw: Mapping[str, Any], key: str, prefix: str, default: bool) -> bool:
-    value = raw.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{prefix}.{key}: must be true or false")
-    return value
-
-
-def _str(raw: Mapping[str, Any], key: str, prefix: str, default: str, max_len: int = 255) -> str:
-    value = raw.get(key, default)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{prefix}.{key}: must be a non-empty string")
-    if len(value) > max_len:
-        raise ConfigError(f"{prefix}.{key}: must be at most {max_len} characters")
-    return value
-
-
-def _optional_str(raw: Mapping[str, Any], key: str, prefix: str) -> str | None:
-    value = raw.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{prefix}.{key}: must be a non-empty string or null")
-    return value
-
-
-def _path(raw: Mapping[str, Any], key: str, prefix: str, default: str, base: Path) -> Path:
-    value = raw.get(key, default)
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise ConfigError(f"{prefix}.{key}: must be a path")
-    path = Path(value)
-    return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
 
 def check_amqp_url(url: str, key: str = "amqp.url") -> str:
@@ -340,8 +267,19 @@ def _parse_amqp(raw: Mapping[str, Any], environ: Mapping[str, str], base: Path) 
         handler=handler,
         handler_options=dict(options),
         max_retries=_int(raw, "max_retries", "amqp", d.max_retries, 0),
+        workers=_workers(raw),
         tls=_parse_amqp_tls(raw.get("tls"), base),
     )
+
+
+MAX_WORKERS = 64
+
+
+def _workers(raw: Mapping[str, Any]) -> int:
+    value = _int(raw, "workers", "amqp", AmqpConfig().workers, 1)
+    if value > MAX_WORKERS:
+        raise ConfigError(f"amqp.workers: must be an integer between 1 and {MAX_WORKERS}")
+    return value
 
 
 def _parse_amqp_tls(raw: Any, base: Path) -> AmqpTlsConfig:
@@ -521,17 +459,6 @@ _TLS_FILES = ("ca_file", "cert_file", "key_file")
 _NO_PASSWORD = "".__str__  # an encrypted key fails instead of OpenSSL asking on the terminal
 
 
-def _readable_file(raw: Mapping[str, Any], key: str, prefix: str, base: Path) -> Path | None:
-    if raw.get(key) is None:
-        return None
-    path = _path(raw, key, prefix, "", base)
-    if not path.is_file():
-        raise ConfigError(f"{prefix}.{key}: {path}: no such file")
-    if not os.access(path, os.R_OK):
-        raise ConfigError(f"{prefix}.{key}: {path}: not readable")
-    return path
-
-
 def check_database_url(url: str, key: str = "database.url") -> str:
     """Accept mysql://user:pass@host[:port]/db and sqlite:///path; never echo the password."""
     from edm.db import parse_url  # edm.db imports this module
@@ -542,49 +469,6 @@ def check_database_url(url: str, key: str = "database.url") -> str:
     except DatabaseError as exc:
         raise ConfigError(f"{key}: {exc}") from None
     return url
-
-
-def _parse_plugins(raw: Mapping[str, Any], base: Path) -> PluginsConfig:
-    _reject_unknown("plugins.", raw, {"fee"})
-    fee_raw = raw.get("fee") or {}
-    if not isinstance(fee_raw, dict):
-        raise ConfigError("plugins.fee: must be a mapping")
-    _reject_unknown("plugins.fee.", fee_raw, _keys(FeeConfig))
-    d = FeeConfig()
-    table = _str(fee_raw, "table", "plugins.fee", d.table, 64)
-    if not table.replace("_", "a").isalnum() or not table.isascii() or table[0].isdigit():
-        raise ConfigError("plugins.fee.table: must be a plain SQL identifier (letters, digits, _)")
-    listen = _str(fee_raw, "listen", "plugins.fee", d.listen)
-    if not listen.startswith(("tcp://", "ipc://", "inproc://")):
-        raise ConfigError("plugins.fee.listen: must be a ZeroMQ endpoint such as tcp://127.0.0.1:5555")
-    return PluginsConfig(
-        fee=FeeConfig(
-            enabled=_bool(fee_raw, "enabled", "plugins.fee", d.enabled),
-            listen=listen,
-            table=table,
-            spool=_path(fee_raw, "spool", "plugins.fee", "../run/fee.spool", base),
-            curve=_parse_curve(fee_raw.get("curve"), base),
-        )
-    )
-
-
-def _parse_curve(raw: Any, base: Path) -> FeeCurve | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise ConfigError("plugins.fee.curve: must be null or a mapping (secret_key_file, clients_dir)")
-    _reject_unknown("plugins.fee.curve.", raw, _keys(FeeCurve))
-    for key in ("secret_key_file", "clients_dir"):
-        if raw.get(key) is None:
-            raise ConfigError(f"plugins.fee.curve.{key}: required when plugins.fee.curve is set")
-    secret = _readable_file(raw, "secret_key_file", "plugins.fee.curve", base)
-    assert secret is not None
-    clients = _path(raw, "clients_dir", "plugins.fee.curve", "", base)
-    if not clients.is_dir():
-        raise ConfigError(f"plugins.fee.curve.clients_dir: {clients}: no such directory")
-    if not os.access(clients, os.R_OK | os.X_OK):
-        raise ConfigError(f"plugins.fee.curve.clients_dir: {clients}: not readable")
-    return FeeCurve(secret, clients)
 
 
 def _parse_metrics(raw: Mapping[str, Any]) -> MetricsConfig:

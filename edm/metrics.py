@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector
 
 from edm import __version__
 from edm.config import split_listen
+from edm.daemon.lifecycle import is_consumer
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,6 @@ OUTCOME_KEYS = {"ok": "handled", "retried": "retried", "dead_lettered": "dead_le
 # "replayed" counts spooled fees stored later: neither is a result.
 FEE_RESULTS = ("stored", "spooled", "duplicates", "malformed", "busy")
 STATES = ("STARTING", "RUNNING", "BACKOFF", "FATAL", "STOPPING", "STOPPED")
-CONSUMERS = ("consumer",)  # the workers that hold a broker connection
 PLAIN = "text/plain; charset=utf-8"
 
 
@@ -204,10 +204,11 @@ class EdmCollector(Collector):
             restarts.add_metric([name], worker.get("restarts") or 0)
             for word in STATES:
                 state.add_metric([name, word], 1 if worker.get("state") == word else 0)
-            if name in CONSUMERS:
+            if is_consumer(name):
                 connected.add_metric([name], 1 if _connected(worker) else 0)
                 if worker.get("pid") and _is_number(worker.get("queue_depth")):
-                    depth = (depth or 0) + worker["queue_depth"]
+                    # every consumer process polls the same queue: one depth, the latest seen
+                    depth = max(depth or 0, worker["queue_depth"])
         yield restarts
         yield state
         yield connected
@@ -245,7 +246,7 @@ def health(view: View) -> tuple[bool, str]:
         if state != "RUNNING":
             error = worker.get("last_error")
             reasons.append(f"the {name} worker is {state}" + (f": {error}" if error else ""))
-        elif name in CONSUMERS and not _connected(worker):
+        elif is_consumer(name) and not _connected(worker):
             activity = worker.get("activity") or "not running"
             reasons.append(f"the {name} is not connected to the broker ({activity})")
     return (False, "; ".join(reasons)) if reasons else (True, "ok")

@@ -6,9 +6,17 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
+import pytest
 from conftest import EdmEnv, alive, wait_for
 
+from edm.config import load
+from edm.daemon.pidfile import Pidfile
+from edm.daemon.process import HANDSHAKE_MAX, Handshake, Outcome
+from edm.daemon.serve import serve
+from edm.daemon.statusfile import Killed, StopRecord, read_stop_record, write_stop_record
+from edm.errors import DaemonError
 from edm.logs import escape_body
 
 
@@ -260,13 +268,67 @@ def test_stop_that_has_to_sigkill_says_so(edm_env: EdmEnv) -> None:
     edm_env.doc["amqp"]["handler"] = "edm_test_handlers:slow"
     edm_env.doc["daemon"]["stop_timeout"] = 1
     edm_env.write_config()
-    edm_env.start()
+    main = edm_env.start()
+    # a record left by an earlier daemon is not this stop's: it must not be reported
+    record = edm_env.pidfile.with_name("edm.stopped.json")
+    write_stop_record(record, StopRecord(main + 100000, (Killed("plugins", 1, 9.0),)))
     edm_env.publish([b"sleep=30 stuck"])
     wait_for(lambda: "The slow handler started on b'sleep=30 stuck'" in edm_env.log_text())
+    worker = edm_env.worker_pid()
     result = edm_env.cli("stop")
     assert result.returncode == 0
-    assert "SIGKILL" in result.stderr
-    assert "SIGKILL" in edm_env.log_text()
+    message = f"The consumer worker (pid {worker}) did not stop within 1 s; sending SIGKILL."
+    assert result.stderr == f"edm: {message}\n"
+    assert f"WARNING {message}" in edm_env.log_text()
     assert not edm_env.pidfile.exists()
+    assert not record.exists()  # read by this stop, then removed
     # the message that was in hand was never acked: it is back in the queue
     wait_for(lambda: edm_env.queue_depth() == 1)
+
+
+def test_the_start_handshake_is_one_structured_reply() -> None:
+    """Given each outcome, the reply survives the pipe as it was sent; a long reason is cut to
+    fit one atomic pipe write; anything else on the pipe is an error, never a guess."""
+    for sent in (
+        Handshake(Outcome.STARTED, pid=4321),
+        Handshake(Outcome.ALREADY_RUNNING, pid=77, error="edm is already running (pid 77)"),
+        Handshake(Outcome.FAILED, error="amqp.handler: cannot import 'nope' — ü"),
+    ):
+        assert Handshake.decode(sent.encode()) == sent
+    long = Handshake(Outcome.FAILED, error="ü" * 10_000).encode()
+    assert len(long) <= HANDSHAKE_MAX
+    assert Handshake.decode(long).error.startswith("üüü")  # type: ignore[union-attr]
+    with pytest.raises(DaemonError, match="unreadable start report"):
+        Handshake.decode(b"edm is already running (pid 5)")
+
+
+def test_serve_reports_already_running_as_a_structured_reply(edm_env: EdmEnv) -> None:
+    """Given the pidfile locked by another process, the daemon's body replies ALREADY_RUNNING
+    with that PID (what `edm start` prints, exit 0), not a message to be matched."""
+    config = load(edm_env.config_path)
+    config.daemon.pidfile.parent.mkdir(parents=True, exist_ok=True)
+    holder = Pidfile(config.daemon.pidfile)
+    holder.acquire(pid=31337)
+    replies: list[Handshake] = []
+    umask = os.umask(0o022)
+    try:
+        assert serve(config, replies.append) == 1
+    finally:
+        os.umask(umask)
+        holder.release()
+    assert replies == [
+        Handshake(Outcome.ALREADY_RUNNING, pid=31337, error="edm is already running (pid 31337)")
+    ]
+
+
+def test_stop_record_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "edm.stopped.json"
+    assert read_stop_record(path) is None
+    record = StopRecord(12, (Killed("consumer", 13, 1.5), Killed("plugins", 14, 30.0)))
+    write_stop_record(path, record)
+    assert read_stop_record(path) == record
+    assert (
+        record.killed[0].message == "The consumer worker (pid 13) did not stop within 1.5 s; sending SIGKILL."
+    )
+    path.write_text('{"pid": 12, "killed": [{"worker": "consumer"}]}')
+    assert read_stop_record(path) is None

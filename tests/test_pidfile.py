@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from edm.daemon.pidfile import Pidfile, PidState, read_status
+from edm.daemon.pidfile import Pidfile, PidState, probe
 from edm.errors import AlreadyRunning, PidfileError
 
 
-def test_lock_status_and_release(tmp_path: Path) -> None:
+def test_lock_probe_and_release(tmp_path: Path) -> None:
     path = tmp_path / "edm.pid"
-    assert read_status(path).state is PidState.ABSENT
+    assert probe(path).state is PidState.ABSENT
     pidfile = Pidfile(path)
     pidfile.acquire()
     assert path.read_text() == f"{os.getpid()}\n"
     assert path.stat().st_mode & 0o777 == 0o644
-    assert read_status(path).state is PidState.RUNNING
+    assert probe(path).state is PidState.RUNNING
     with pytest.raises(AlreadyRunning) as info:
         Pidfile(path).acquire()
     assert info.value.pid == os.getpid()
@@ -42,16 +42,16 @@ def test_a_killed_owner_leaves_a_stale_file_that_is_taken_over(tmp_path: Path) -
     try:
         assert child.stdout is not None
         assert child.stdout.readline() == b"locked\n"
-        assert read_status(path) == read_status(path)
-        assert read_status(path).state is PidState.RUNNING
-        assert read_status(path).pid == child.pid
+        assert probe(path) == probe(path)
+        assert probe(path).state is PidState.RUNNING
+        assert probe(path).pid == child.pid
         child.kill()
         child.wait()
-        status = read_status(path)
-        assert status.state is PidState.STALE and status.pid == child.pid
+        found = probe(path)
+        assert found.state is PidState.STALE and found.pid == child.pid
         taken = Pidfile(path)
         taken.acquire()
-        assert read_status(path).pid == os.getpid()
+        assert probe(path).pid == os.getpid()
         taken.release()
     finally:
         if child.poll() is None:
@@ -80,8 +80,8 @@ def test_world_writable_directory_is_refused(tmp_path: Path) -> None:
 def test_garbage_in_the_pidfile(tmp_path: Path) -> None:
     path = tmp_path / "edm.pid"
     path.write_text("not a pid\n")
-    status = read_status(path)
-    assert status.state is PidState.STALE and status.pid is None
+    found = probe(path)
+    assert found.state is PidState.STALE and found.pid is None
     pidfile = Pidfile(path)
     pidfile.acquire()
     pidfile.release()

@@ -37,7 +37,8 @@ import pytest
 import yaml
 from conftest import ROOT, EdmEnv, alive, wait_for
 
-from edm.config import AmqpConfig, DaemonConfig, DatabaseConfig, FeeConfig, LogConfig, MetricsConfig, parse
+from edm.config import AmqpConfig, DaemonConfig, DatabaseConfig, LogConfig, MetricsConfig, parse
+from edm.plugins.fee.config import FeeConfig
 
 README = ROOT / "README.md"
 FENCE = re.compile(r"^(?P<indent>[ ]*)```(?P<lang>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ ]*$", re.M | re.S)

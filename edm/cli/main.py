@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edm import __version__
+from edm.cli import status as status_view
 from edm.config import (
     Config,
     Essentials,
@@ -21,10 +22,11 @@ from edm.config import (
     load_essentials,
     password_warning,
 )
-from edm.daemon.pidfile import PidState, read_status
-from edm.daemon.statusfile import read_state, status_path
-from edm.errors import ConfigError, EdmError, PidfileError
+from edm.daemon.pidfile import PidState, probe
+from edm.daemon.statusfile import read_report, read_stop_record, remove, report_path, stop_record_path
+from edm.errors import AlreadyRunning, ConfigError, DaemonError, EdmError, PidfileError
 from edm.handlers import loader as handler_loader
+from edm.logs import DailyLog
 from edm.redact import mask_text
 
 # Exit codes, LSB where the init script passes them through.
@@ -50,6 +52,8 @@ def _load(args: argparse.Namespace) -> Config:
 def _check_startable(config: Config) -> None:
     """What can be found out before forking: a user switch. The handler is loaded by the worker
     alone (never in the main process); a worker that cannot load it fails the start."""
+    # Imported here on purpose: the daemon's modules (python-daemon, pika) are for the
+    # commands that start it; `edm status`, `stop` and `reload` never load them.
     from edm.daemon.process import resolve_identity
 
     resolve_identity(config.daemon.user, config.daemon.group)
@@ -59,38 +63,39 @@ def _check_startable(config: Config) -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from edm.daemon.process import detach
+    # Imported here on purpose, like _check_startable: only the commands that start the daemon
+    # load it (and pika with it).
+    from edm.daemon.process import Outcome, detach
     from edm.daemon.serve import serve
 
     config = _load(args)
-    status = read_status(config.daemon.pidfile)
-    if status.state is PidState.RUNNING:
-        print(f"edm is already running (pid {status.pid})")
+    found = probe(config.daemon.pidfile)
+    if found.state is PidState.RUNNING:
+        print(AlreadyRunning(found.pid))
         return OK
     _check_startable(config)
-    try:
-        pid = detach(config.daemon.umask, lambda report: serve(config, report), START_TIMEOUT)
-    except EdmError as exc:
-        if str(exc).startswith("edm is already running"):
-            print(exc)
-            return OK
-        raise
-    print(f"edm started (pid {pid})")
+    reply = detach(config.daemon.umask, lambda report: serve(config, report), START_TIMEOUT)
+    if reply.outcome is Outcome.ALREADY_RUNNING:  # another start won the race for the pidfile
+        print(AlreadyRunning(reply.pid))
+        return OK
+    if reply.outcome is not Outcome.STARTED:
+        raise DaemonError(reply.error or "the daemon exited during start (see its log)")
+    print(f"edm started (pid {reply.pid})")
     return OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Imported here on purpose: see cmd_start.
+    from edm.daemon.process import Handshake, Outcome
     from edm.daemon.serve import serve
 
     config = _load(args)
     _check_startable(config)
     failure: list[str] = []
 
-    def report(message: bytes) -> None:
-        from edm.daemon.process import READY
-
-        if not message.startswith(READY):
-            failure.append(message.decode("utf-8", "replace"))
+    def report(handshake: Handshake) -> None:
+        if handshake.outcome is not Outcome.STARTED:
+            failure.append(handshake.error or handshake.outcome.value)
 
     code = serve(config, report)
     if failure:
@@ -125,20 +130,19 @@ def _essentials(args: argparse.Namespace) -> Essentials:
 def cmd_stop(args: argparse.Namespace) -> int:
     config = _essentials(args)
     pidfile = config.pidfile
-    status = read_status(pidfile)
-    if status.state is PidState.ABSENT:
+    found = probe(pidfile)
+    if found.state is PidState.ABSENT:
         print("edm is not running")
         return OK
-    if status.state is PidState.STALE:
+    if found.state is PidState.STALE:
         _remove_stale(pidfile)
-        print(f"edm is not running (removed the stale pidfile of pid {status.pid})")
+        print(f"edm is not running (removed the stale pidfile of pid {found.pid})")
         return OK
-    pid = status.pid
+    pid = found.pid
     if pid is None:
         _err(f"{pidfile} is locked but holds no pid; cannot stop")
         return FAILURE
     workers = _worker_pids(pidfile)
-    log_path, log_offset = _log_position(config)
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -149,9 +153,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
     timeout = config.stop_timeout
     if _wait_stopped(pidfile, pid, timeout + 2):
         # The main process may have had to SIGKILL a worker that ignored the deadline.
-        for line in _new_log_lines(log_path, log_offset):
-            if "SIGKILL" in line:
-                _err(line.split(" ", 3)[-1])
+        record_path = stop_record_path(pidfile)
+        record = read_stop_record(record_path)
+        if record is not None and record.pid == pid:
+            for killed in record.killed:
+                _err(killed.message)
+            remove(record_path)
         print("edm stopped")
         return OK
     message = f"edm (pid {pid}) did not stop within {timeout:g} s; sending SIGKILL"
@@ -170,38 +177,17 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return FAILURE
 
 
-def _log_position(config: Essentials) -> tuple[Path, int]:
-    from edm.logs import DailyLog
-
-    path = DailyLog(config.log_dir, config.log_name).current_path
-    try:
-        return path, path.stat().st_size
-    except OSError:
-        return path, 0
-
-
-def _new_log_lines(path: Path, offset: int, limit: int = 1 << 20) -> list[str]:
-    """Lines appended to ``path`` since ``offset`` (at most ``limit`` bytes of them)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(limit)
-    except OSError:
-        return []
-    return data.decode("utf-8", "replace").splitlines()
-
-
 def _wait_stopped(pidfile: Path, pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if read_status(pidfile).state is not PidState.RUNNING and not _alive(pid):
+        if probe(pidfile).state is not PidState.RUNNING and not _alive(pid):
             return True
         time.sleep(0.05)
     return False
 
 
 def _remove_stale(pidfile: Path) -> None:
-    if read_status(pidfile).state is PidState.STALE:
+    if probe(pidfile).state is PidState.STALE:
         try:
             pidfile.unlink()
         except OSError:
@@ -209,17 +195,15 @@ def _remove_stale(pidfile: Path) -> None:
 
 
 def _worker_pids(pidfile: Path) -> list[int]:
-    state = read_state(status_path(pidfile)) or {}
+    report = read_report(report_path(pidfile)) or {}
     pids = []
-    for worker in (state.get("workers") or {}).values():
+    for worker in (report.get("workers") or {}).values():
         if isinstance(worker, dict) and isinstance(worker.get("pid"), int):
             pids.append(worker["pid"])
     return pids
 
 
 def _log_line(config: Essentials, level: str, text: str) -> None:
-    from edm.logs import DailyLog
-
     try:
         DailyLog(config.log_dir, config.log_name).write(level, text)
     except OSError:
@@ -234,30 +218,28 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from edm.cli import status as report
-
     try:
         config = _essentials(args)
-        status = read_status(config.pidfile)
+        found = probe(config.pidfile)
     except (ConfigError, PidfileError) as exc:
         _err(str(exc))
         if args.json:
-            doc = report.document("unknown", None, STATUS_UNKNOWN, None)
+            doc = status_view.document("unknown", None, STATUS_UNKNOWN, None)
             print(json.dumps({**doc, "error": mask_text(str(exc))}, sort_keys=True))
         return STATUS_UNKNOWN
-    state = read_state(status_path(config.pidfile)) if status.state is PidState.RUNNING else None
-    if status.state is PidState.RUNNING:
-        code, first = OK, f"edm is running (pid {status.pid})"
-    elif status.state is PidState.STALE:
-        code, first = STATUS_DEAD, f"edm is dead but pidfile exists (pid {status.pid})"
+    report = read_report(report_path(config.pidfile)) if found.state is PidState.RUNNING else None
+    if found.state is PidState.RUNNING:
+        code, first = OK, f"edm is running (pid {found.pid})"
+    elif found.state is PidState.STALE:
+        code, first = STATUS_DEAD, f"edm is dead but pidfile exists (pid {found.pid})"
     else:
         code, first = STATUS_NOT_RUNNING, "edm is not running"
-    doc = report.document(status.state.value, status.pid, code, state)
+    doc = status_view.document(found.state.value, found.pid, code, report)
     if args.json:
         print(json.dumps(doc, sort_keys=True, default=str))
         return code
     print(first)
-    for line in report.describe(doc):
+    for line in status_view.describe(doc):
         print(line)
     return code
 
@@ -265,19 +247,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     config = _load(args)
     handler_loader.load(config.amqp.handler, config.amqp.handler_options)  # imported, not built
-    status = read_status(config.daemon.pidfile)
-    if status.state is not PidState.RUNNING or status.pid is None:
+    found = probe(config.daemon.pidfile)
+    if found.state is not PidState.RUNNING or found.pid is None:
         print("edm is not running")
         return NOT_RUNNING
     try:
-        os.kill(status.pid, signal.SIGHUP)
+        os.kill(found.pid, signal.SIGHUP)
     except ProcessLookupError:
         print("edm is not running")
         return NOT_RUNNING
     except PermissionError:
-        _err(f"not allowed to signal pid {status.pid}")
+        _err(f"not allowed to signal pid {found.pid}")
         return FAILURE
-    print(f"edm reloading (pid {status.pid})")
+    print(f"edm reloading (pid {found.pid})")
     return OK
 
 
@@ -292,6 +274,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    # Imported here on purpose: pika is loaded only by the commands that talk to the broker.
     from edm.cli.publish import read_bodies, run_publish
 
     config = _load(args)
@@ -308,6 +291,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    # Imported here on purpose: pyzmq is an optional extra, needed by this command alone.
     from edm.cli.keys import new_pair
 
     public, secret = new_pair(Path(args.path))
@@ -316,12 +300,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    # Imported here on purpose: each command loads only what it uses (`edm status` stays light).
     from edm.cli.tail import run_tail
 
     return run_tail(_load(args), args.lines, args.follow)
 
 
 def cmd_dead(args: argparse.Namespace) -> int:
+    # Imported here on purpose: pika is loaded only by the commands that talk to the broker.
     from edm.cli import dead
 
     if args.action == "purge" and not args.yes:

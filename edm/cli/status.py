@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from edm.daemon.lifecycle import name_order
+
 # The status words of the JSON document, by the pidfile's state.
 STATUS_WORDS = {"running": "running", "stale": "dead", "absent": "stopped"}
 WORKER_KEYS = (
@@ -48,7 +50,7 @@ def document(
     started = _number(state.get("started"))
     workers: dict[str, dict[str, Any]] = {}
     plugins: dict[str, Any] = {}
-    for name, raw in sorted((state.get("workers") or {}).items()):
+    for name, raw in sorted((state.get("workers") or {}).items(), key=lambda item: name_order(item[0])):
         if not isinstance(raw, dict):
             continue
         workers[name] = {key: raw.get(key) for key in WORKER_KEYS}

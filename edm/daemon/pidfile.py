@@ -26,7 +26,9 @@ class PidState(Enum):
 
 
 @dataclass(frozen=True)
-class PidStatus:
+class PidProbe:
+    """What the pidfile says: whether a process holds its lock, and the PID written in it."""
+
     state: PidState
     pid: int | None
 
@@ -112,12 +114,12 @@ def _parse_pid(data: bytes) -> int | None:
     return pid if pid > 0 else None
 
 
-def read_status(path: Path) -> PidStatus:
+def probe(path: Path) -> PidProbe:
     """RUNNING when some process holds the lock; STALE when the file is there unlocked."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        return PidStatus(PidState.ABSENT, None)
+        return PidProbe(PidState.ABSENT, None)
     except OSError as exc:
         raise PidfileError(f"daemon.pidfile: cannot read {path}: {exc.strerror}") from None
     try:
@@ -125,9 +127,9 @@ def read_status(path: Path) -> PidStatus:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return PidStatus(PidState.RUNNING, pid)
+            return PidProbe(PidState.RUNNING, pid)
         # Unlocked. The daemon may be between creating and locking the file: only then does
         # a live process own the PID it wrote; otherwise the file is a leftover.
-        return PidStatus(PidState.STALE, pid)
+        return PidProbe(PidState.STALE, pid)
     finally:
         os.close(fd)

@@ -1,9 +1,10 @@
 """Forking a worker process and the channel between it and the supervisor.
 
 Each worker gets one end of a socketpair wrapped as a multiprocessing Connection: the
-supervisor sends ``("reload", Config)`` and ``("stop", None)``; the worker sends dict events
-(``ready``, ``fatal``, ``state``). A worker dies with its supervisor (PR_SET_PDEATHSIG), so
-a kill -9 of the main process never leaves an orphan consuming on its own.
+supervisor sends ``(Command, payload)`` tuples (``reload`` with the new Config, ``stop``,
+``reopen``); the worker sends dict events ``{"event": Event, ...}`` (``ready``, ``fatal``,
+``reloaded``, ``state``). A worker dies with its supervisor (PR_SET_PDEATHSIG), so a kill -9
+of the main process never leaves an orphan consuming on its own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from enum import Enum
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -25,6 +27,26 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_BOOT = 3  # the worker could not start (bad handler, bind failed): do not respawn blindly
+
+STATE_INTERVAL = 1.0  # seconds between a worker's state events (and the status file's rewrites)
+
+
+class Command(str, Enum):
+    """What the supervisor asks of a worker."""
+
+    RELOAD = "reload"  # payload: the new, validated Config
+    STOP = "stop"
+    REOPEN = "reopen"  # the log files (logrotate)
+
+
+class Event(str, Enum):
+    """What a worker tells the supervisor."""
+
+    READY = "ready"  # pid: it serves
+    FATAL = "fatal"  # error: it cannot start (it exits with EXIT_BOOT)
+    RELOADED = "reloaded"  # config: the one it runs now; error: what it could not apply, or None
+    STATE = "state"  # its snapshot, every STATE_INTERVAL and at once when it changes
+
 
 WorkerMain = Callable[[Config, Connection], int]
 
@@ -72,9 +94,17 @@ def spawn(main: WorkerMain, config: Config, close_in_child: Callable[[], None]) 
     return pid, Connection(parent_sock.detach())
 
 
-def send_event(conn: Connection, event: str, **fields: Any) -> None:
+def send_event(conn: Connection, event: Event, **fields: Any) -> None:
     """Tell the supervisor something; a closed channel means the supervisor is gone."""
     try:
-        conn.send({"event": event, **fields})
+        conn.send({"event": event.value, **fields})
+    except OSError:
+        pass
+
+
+def send_command(conn: Connection, command: Command, payload: Any = None) -> None:
+    """Ask a worker something; a closed channel means the worker is gone (it is reaped)."""
+    try:
+        conn.send((command.value, payload))
     except OSError:
         pass

@@ -1,44 +1,97 @@
-"""The status file: the daemon's own account of itself, rewritten atomically for `edm status`.
+"""Files the main process writes beside the pidfile for the CLI to read.
 
-It lives beside the pidfile (``edm.pid`` → ``edm.status.json``). The CLI never guesses:
-what it shows beyond the pidfile's lock comes from here.
+* the report (``edm.pid`` → ``edm.status.json``): the daemon's own account of itself,
+  rewritten atomically every second for `edm status`. The CLI never guesses: what it shows
+  beyond the pidfile's lock comes from here.
+* the stop record (``edm.stopped.json``): written as the daemon stops when it had to SIGKILL
+  a worker that did not stop in time, so that `edm stop` can say so without reading the log.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
-def status_path(pidfile: Path) -> Path:
+def report_path(pidfile: Path) -> Path:
     return pidfile.with_name(pidfile.stem + ".status.json")
 
 
-def write_state(path: Path, state: dict[str, Any]) -> None:
+def stop_record_path(pidfile: Path) -> Path:
+    return pidfile.with_name(pidfile.stem + ".stopped.json")
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write to a temporary file and rename it over the old one, so readers never see half."""
+    _write_json(path, report)
+
+
+def read_report(path: Path) -> dict[str, Any] | None:
+    data = _read_json(path)
+    return data if isinstance(data, dict) else None
+
+
+def remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+@dataclass(frozen=True)
+class Killed:
+    """A worker the main process had to SIGKILL on its way out."""
+
+    worker: str
+    pid: int
+    timeout: float
+
+    @property
+    def message(self) -> str:
+        within = f"{self.timeout:g} s"
+        return f"The {self.worker} worker (pid {self.pid}) did not stop within {within}; sending SIGKILL."
+
+
+@dataclass(frozen=True)
+class StopRecord:
+    pid: int  # the main process that stopped
+    killed: tuple[Killed, ...]
+
+
+def write_stop_record(path: Path, record: StopRecord) -> None:
+    killed = [{"worker": k.worker, "pid": k.pid, "timeout": k.timeout} for k in record.killed]
+    _write_json(path, {"pid": record.pid, "killed": killed})
+
+
+def read_stop_record(path: Path) -> StopRecord | None:
+    """The record, or None when there is none or it cannot be read whole."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        return None
+    try:
+        killed = tuple(Killed(str(k["worker"]), int(k["pid"]), float(k["timeout"])) for k in data["killed"])
+        return StopRecord(int(data["pid"]), killed)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = json.dumps(state, sort_keys=True, default=str).encode()
+    encoded = json.dumps(data, sort_keys=True, default=str).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, data)
+        os.write(fd, encoded)
     finally:
         os.close(fd)
     os.replace(tmp, path)
 
 
-def read_state(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
-
-
-def remove_state(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass

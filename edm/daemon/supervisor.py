@@ -1,10 +1,9 @@
 """The main process: owns the pidfile, reacts to signals, keeps its workers alive.
 
 Modelled on gunicorn's arbiter (signal handlers only enqueue; the loop drains the queue and
-acts; a bad config on reload keeps the old one) and on Supervisor's process states: a
-worker is STARTING until it has stayed up for ``STARTSECS``, then RUNNING; a death puts it
-in BACKOFF with a growing delay (never above ``BACKOFF_MAX``, so a dead consumer is back
-within seconds); repeated deaths before RUNNING end in FATAL, which a reload clears.
+acts; a bad config on reload keeps the old one). Each worker's restarts follow the states of
+``edm.daemon.lifecycle`` (STARTING, RUNNING, BACKOFF, FATAL); the clock and the fork are
+parameters, so the state machine is tested without processes.
 """
 
 from __future__ import annotations
@@ -15,75 +14,61 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 from edm import __version__, metrics, plugins
 from edm.config import Config, load
+from edm.daemon.lifecycle import PLUGINS, Exit, Worker, WorkerState, consumer_names, kind_of
 from edm.daemon.pidfile import Pidfile
-from edm.daemon.spawn import EXIT_BOOT, spawn
-from edm.daemon.statusfile import remove_state, status_path, write_state
+from edm.daemon.spawn import EXIT_BOOT, STATE_INTERVAL, Command, Event, WorkerMain, send_command, spawn
+from edm.daemon.statusfile import (
+    Killed,
+    StopRecord,
+    remove,
+    report_path,
+    stop_record_path,
+    write_report,
+    write_stop_record,
+)
 from edm.errors import ConfigError
 from edm.logs import DailyLog
-from edm.worker.main import WORKERS, SignalPipe
+from edm.worker.kinds import WORKERS
+from edm.worker.loop import SignalPipe, apply_log_settings
 
 log = logging.getLogger(__name__)
 
-STARTSECS = 1.0
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 4.0
-FATAL_AFTER = 5  # consecutive deaths before RUNNING
-STATE_INTERVAL = 1.0
-
-
-@dataclass
-class Worker:
-    name: str
-    pid: int | None = None
-    conn: Connection | None = None
-    state: str = "STOPPED"  # STARTING RUNNING BACKOFF FATAL STOPPING STOPPED
-    started_at: float = 0.0
-    ready: bool = False
-    boot_failures: int = 0
-    deaths: list[float] = field(default_factory=list)
-    restart_at: float = 0.0
-    restarts: int = 0
-    last_error: str | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    # The config the worker runs when a reload setting could not be applied (it kept the
-    # running value); it is restarted with this one. None: the supervisor's.
-    config: Config | None = None
-
-
-def describe_exit(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        return f"killed by {name}"
-    return f"exited with code {os.waitstatus_to_exitcode(status)}"
+Clock = Callable[[], float]
+Spawn = Callable[[WorkerMain, Config, Callable[[], None]], tuple[int, Connection]]
 
 
 class Supervisor:
-    def __init__(self, config: Config, pidfile: Pidfile, daily: DailyLog) -> None:
+    def __init__(
+        self,
+        config: Config,
+        pidfile: Pidfile,
+        daily: DailyLog,
+        clock: Clock = time.monotonic,
+        spawner: Spawn = spawn,
+    ) -> None:
         self.config = config
         self.pidfile = pidfile
         self.daily = daily
+        self.clock = clock
+        self.spawner = spawner
         self.workers: dict[str, Worker] = {}
         self.signals: SignalPipe | None = None
         self.stopping = False
         self.started = time.time()
-        self.state_file = status_path(config.daemon.pidfile)
-        self._next_state = 0.0
+        self.report_file = report_path(config.daemon.pidfile)
+        self._next_report = 0.0
         self.exporter = metrics.Exporter()
 
     # -- start ---------------------------------------------------------------------------------
 
     def wanted(self) -> list[str]:
-        return ["consumer"] + (["plugins"] if plugins.enabled(self.config) else [])
+        """The worker processes the config asks for, by name."""
+        return consumer_names(self.config.amqp.workers) + ([PLUGINS] if plugins.enabled(self.config) else [])
 
     def boot(self, timeout: float = 30.0) -> str | None:
         """Start the workers and wait until each reports ready; the error text if one cannot."""
@@ -97,26 +82,22 @@ class Supervisor:
             return str(exc)
         for name in self.wanted():
             self.workers[name] = Worker(name)
-            self._spawn(self.workers[name])
-        deadline = time.monotonic() + timeout
+            self.start_worker(self.workers[name])
+        deadline = self.clock() + timeout
         while any(not w.ready for w in self.workers.values()):
-            if time.monotonic() > deadline:
+            if self.clock() > deadline:
                 return "the workers did not start in time (see the log)"
             self._poll(0.2)
             for w in self.workers.values():
-                if w.state in ("BACKOFF", "FATAL") and w.last_error:
-                    return w.last_error
-                if w.state in ("BACKOFF", "FATAL"):
-                    return f"the {w.name} worker died during start (see the log)"
-        self._write_state()
+                if w.state in (WorkerState.BACKOFF, WorkerState.FATAL):
+                    return w.last_error or f"the {w.name} worker died during start (see the log)"
+        self._write_report()
         return None
 
-    def _spawn(self, worker: Worker) -> None:
-        target = WORKERS[worker.name]
-        pid, conn = spawn(target, worker.config or self.config, self._close_in_child)
-        worker.pid, worker.conn = pid, conn
-        worker.state, worker.started_at, worker.ready = "STARTING", time.monotonic(), False
-        worker.info = {}
+    def start_worker(self, worker: Worker) -> None:
+        main = WORKERS[kind_of(worker.name)]
+        pid, conn = self.spawner(main, worker.config or self.config, self._close_in_child)
+        worker.spawned(pid, conn, self.clock())
         log.info("Started the %s worker (pid %d).", worker.name, pid)
 
     def _close_in_child(self) -> None:
@@ -126,8 +107,7 @@ class Supervisor:
             if w.conn is not None:
                 w.conn.close()
         if self.signals is not None:
-            os.close(self.signals.read_fd)
-            os.close(self.signals.write_fd)
+            self.signals.close()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -135,7 +115,7 @@ class Supervisor:
         """Serve until TERM/INT; returns the process's exit code."""
         while not self.stopping:
             self._poll(0.5)
-            self._manage()
+            self.manage()
         return self.shutdown()
 
     def _poll(self, timeout: float) -> None:
@@ -151,8 +131,8 @@ class Supervisor:
             if w.conn is not None and w.conn in ready:
                 self._read_events(w)
         self._reap()
-        if time.monotonic() >= self._next_state:
-            self._write_state()
+        if self.clock() >= self._next_report:
+            self._write_report()
         if self.exporter.listen is not None:
             self.exporter.publish(self.snapshot())
 
@@ -165,7 +145,7 @@ class Supervisor:
             self.reload()
         elif sig == signal.SIGUSR1:
             self.daily.reopen()
-            self._broadcast("reopen", None)
+            self._broadcast(Command.REOPEN)
             log.info("Received SIGUSR1; reopened the log files.")
         # SIGCHLD only wakes the loop; _reap runs every turn.
 
@@ -173,26 +153,28 @@ class Supervisor:
         assert worker.conn is not None
         try:
             while worker.conn.poll():
-                event = worker.conn.recv()
-                kind = event.pop("event", None)
-                if kind == "ready":
-                    worker.ready = True
-                elif kind == "fatal":
-                    worker.last_error = str(event.get("error"))
-                    log.error("The %s worker cannot start: %s", worker.name, worker.last_error)
-                elif kind == "reloaded":
-                    # A setting the worker could not apply keeps its running value.
-                    worker.last_error = event.get("error")
-                    worker.config = event.get("config") if worker.last_error else None
-                    self._next_state = 0.0
-                elif kind == "state":
-                    if event.get("state") != worker.info.get("state"):
-                        self._next_state = 0.0  # a change of activity shows in status at once
-                    worker.info = event
-                    self.exporter.ledger.report(worker.name, event)
+                self.on_event(worker, worker.conn.recv())
         except (EOFError, OSError):
             worker.conn.close()
             worker.conn = None
+
+    def on_event(self, worker: Worker, event: dict[str, Any]) -> None:
+        kind = Event(event.pop("event", None))
+        if kind is Event.READY:
+            worker.ready = True
+        elif kind is Event.FATAL:
+            worker.last_error = str(event.get("error"))
+            log.error("The %s worker cannot start: %s", worker.name, worker.last_error)
+        elif kind is Event.RELOADED:
+            # A setting the worker could not apply keeps its running value.
+            worker.last_error = event.get("error")
+            worker.config = event.get("config") if worker.last_error else None
+            self._next_report = 0.0
+        elif kind is Event.STATE:
+            if event.get("state") != worker.info.get("state"):
+                self._next_report = 0.0  # a change of activity shows in status at once
+            worker.info = event
+            self.exporter.ledger.report(worker.name, event)
 
     def _reap(self) -> None:
         while True:
@@ -202,50 +184,45 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            for w in self.workers.values():
+            for w in list(self.workers.values()):
                 if w.pid == pid:
-                    self._on_death(w, status)
+                    self.on_death(w, status)
 
-    def _on_death(self, worker: Worker, status: int) -> None:
+    def on_death(self, worker: Worker, status: int) -> None:
         if worker.conn is not None:
             self._read_events(worker)
             if worker.conn is not None:
                 worker.conn.close()
-        worker.pid, worker.conn = None, None
         self.exporter.ledger.bank(worker.name)  # its counts stay counted; the next life adds to them
-        if worker.state == "STOPPING":
-            worker.state = "STOPPED"
+        end = Exit.of(status, EXIT_BOOT)
+        delay = worker.died(end, self.clock())
+        if worker.state is WorkerState.STOPPED and worker.name not in self.wanted() and not self.stopping:
+            del self.workers[worker.name]  # a reload lowered amqp.workers: it is gone, not stopped
+            log.info("The %s worker stopped (no longer configured).", worker.name)
             return
-        now = time.monotonic()
-        reason = describe_exit(status)
-        booted = worker.ready and now - worker.started_at >= STARTSECS
-        worker.boot_failures = 0 if booted else worker.boot_failures + 1
-        worker.deaths = [t for t in worker.deaths if now - t < 60] + [now]
-        boot_error = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_BOOT
-        if worker.boot_failures >= FATAL_AFTER:
-            worker.state = "FATAL"
+        if worker.state is WorkerState.FATAL:
             log.critical(
                 "The %s worker %s and failed %d times in a row at start; giving up (FATAL) until a reload.",
                 worker.name,
-                reason,
+                end.reason,
                 worker.boot_failures,
             )
-            return
-        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (len(worker.deaths) - 1))
-        if boot_error:
-            delay = max(delay, 1.0)
-        worker.state, worker.restart_at = "BACKOFF", now + delay
-        log.error("The %s worker %s; restarting it in %.1f s.", worker.name, reason, delay)
+        elif delay is not None:
+            log.error("The %s worker %s; restarting it in %.1f s.", worker.name, end.reason, delay)
 
-    def _manage(self) -> None:
-        now = time.monotonic()
+    def manage(self) -> None:
+        """Start the workers whose back-off is over; promote the ones that have stayed up."""
+        now = self.clock()
         for worker in self.workers.values():
-            if worker.state == "BACKOFF" and now >= worker.restart_at:
-                worker.restarts += 1
-                self._spawn(worker)
-            elif worker.state == "STARTING" and worker.ready and now - worker.started_at >= STARTSECS:
-                worker.state = "RUNNING"
-                self._next_state = 0.0  # publish the transition at once
+            if worker.due(now):
+                self.start_worker(worker)
+            elif worker.promote(now):
+                self._next_report = 0.0  # publish the transition at once
+            elif worker.pid is not None and worker.stop_deadline is not None and now >= worker.stop_deadline:
+                timeout = self.config.daemon.stop_timeout
+                log.warning("%s", Killed(worker.name, worker.pid, timeout).message)
+                worker.stop_deadline = None
+                _kill(worker.pid, signal.SIGKILL)  # reaped by the loop
 
     # -- reload --------------------------------------------------------------------------------
 
@@ -265,9 +242,7 @@ class Supervisor:
             old.daemon.group,
         ):
             log.warning("daemon.pidfile, daemon.user and daemon.group apply at the next restart.")
-        lc = new.log
-        self.daily.reconfigure(lc.dir, lc.name, keep_days=lc.keep_days, fsync=lc.fsync)
-        logging.getLogger().setLevel(lc.level)
+        apply_log_settings(self.daily, new)
         self.config = new
         log.info("Reloaded the config from %s.", new.path)
         try:
@@ -279,55 +254,59 @@ class Supervisor:
         for name in wanted:
             worker = self.workers.setdefault(name, Worker(name))
             worker.config = None
-            if worker.state in ("FATAL", "STOPPED"):
-                worker.boot_failures = 0
-                worker.last_error = None
-                self._spawn(worker)
+            if worker.state in (WorkerState.FATAL, WorkerState.STOPPED):
+                worker.revive()
+                self.start_worker(worker)
             elif worker.conn is not None:
-                self._send(worker, "reload", new)
-        for name, worker in self.workers.items():
-            if name not in wanted and worker.pid is not None:
-                worker.state = "STOPPING"
-                self._send(worker, "stop", None)
+                self._send(worker, Command.RELOAD, new)
+        for name, worker in list(self.workers.items()):
+            if name in wanted:
+                continue
+            if worker.pid is None:  # in BACKOFF or FATAL: nothing runs, nothing to restart
+                del self.workers[name]
+            elif worker.state is not WorkerState.STOPPING:
+                worker.stopping()
+                worker.stop_deadline = self.clock() + new.daemon.stop_timeout
+                self._send(worker, Command.STOP)
 
-    def _send(self, worker: Worker, command: str, payload: Any) -> None:
-        if worker.conn is None:
-            return
-        try:
-            worker.conn.send((command, payload))
-        except OSError:
-            pass
+    def _send(self, worker: Worker, command: Command, payload: Any = None) -> None:
+        if worker.conn is not None:
+            send_command(worker.conn, command, payload)
 
-    def _broadcast(self, command: str, payload: Any) -> None:
+    def _broadcast(self, command: Command) -> None:
         for worker in self.workers.values():
-            self._send(worker, command, payload)
+            self._send(worker, command)
 
     # -- stop ----------------------------------------------------------------------------------
 
     def shutdown(self) -> int:
         timeout = self.config.daemon.stop_timeout
         for worker in self.workers.values():
+            worker.stopping()
             if worker.pid is not None:
-                worker.state = "STOPPING"
-                self._send(worker, "stop", None)
+                self._send(worker, Command.STOP)
                 _kill(worker.pid, signal.SIGTERM)
-            elif worker.state != "STOPPED":
-                worker.state = "STOPPED"
-        deadline = time.monotonic() + timeout
-        while any(w.pid is not None for w in self.workers.values()) and time.monotonic() < deadline:
+        deadline = self.clock() + timeout
+        while any(w.pid is not None for w in self.workers.values()) and self.clock() < deadline:
             self._poll(0.1)
+        killed = []
         for worker in self.workers.values():
             if worker.pid is not None:
-                log.warning(
-                    "The %s worker (pid %d) did not stop within %g s; sending SIGKILL.",
-                    worker.name,
-                    worker.pid,
-                    timeout,
-                )
+                victim = Killed(worker.name, worker.pid, timeout)
+                log.warning("%s", victim.message)
+                killed.append(victim)
                 _kill(worker.pid, signal.SIGKILL)
                 os.waitpid(worker.pid, 0)
                 worker.pid = None
-        remove_state(self.state_file)
+        stop_record = stop_record_path(self.config.daemon.pidfile)
+        if killed:
+            try:  # `edm stop` reads it to tell its user (the log has it too)
+                write_stop_record(stop_record, StopRecord(os.getpid(), tuple(killed)))
+            except OSError as exc:
+                log.warning("Cannot write the stop record %s: %s", stop_record, exc.strerror)
+        else:
+            remove(stop_record)  # one of an earlier stop
+        remove(self.report_file)
         self.exporter.stop()
         log.info("edm stopped (pid %d).", os.getpid())
         return 0
@@ -348,7 +327,7 @@ class Supervisor:
                     # a dead worker does nothing, whatever it last reported
                     "activity": w.info.get("state") if w.pid is not None else None,
                     "pid": w.pid,
-                    "state": w.state,
+                    "state": w.state.value,
                     "restarts": w.restarts,
                     "last_error": w.last_error,
                 }
@@ -356,12 +335,12 @@ class Supervisor:
             },
         }
 
-    def _write_state(self) -> None:
-        self._next_state = time.monotonic() + STATE_INTERVAL
+    def _write_report(self) -> None:
+        self._next_report = self.clock() + STATE_INTERVAL
         try:
-            write_state(self.state_file, self.snapshot())
+            write_report(self.report_file, self.snapshot())
         except OSError as exc:
-            log.warning("Cannot write the status file %s: %s", self.state_file, exc.strerror)
+            log.warning("Cannot write the status file %s: %s", self.report_file, exc.strerror)
 
 
 def _kill(pid: int, sig: int) -> None:
@@ -369,6 +348,3 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-ReportFn = Callable[[bytes], None]

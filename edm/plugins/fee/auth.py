@@ -24,8 +24,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from edm.config import FeeCurve
 from edm.errors import EdmError
+from edm.plugins.fee.config import FeeCurve
 
 log = logging.getLogger(__name__)
 

@@ -96,11 +96,12 @@ from typing import Any
 
 import zmq
 
-from edm.config import Config, FeeConfig, FeeCurve
+from edm.config import Config
 from edm.db import Database, Session
 from edm.errors import DatabaseError, DatabaseUnavailable, EdmError
 from edm.logs import escape_body
 from edm.plugins.fee.auth import Gate, load_server_keys
+from edm.plugins.fee.config import FeeConfig, FeeCurve, fee_section
 from edm.plugins.fee.guard import PeerCap
 from edm.plugins.fee.parse import MAX_REQUEST, Fee, MalformedRequest, parse_request
 from edm.plugins.fee.sink import Put, Sink
@@ -160,7 +161,7 @@ class FeePlugin:
         self._state = "stopped"
         self._lock = threading.Lock()  # start/stop/reload
         self._counts = dict.fromkeys(_COUNTS, 0)  # written by the receiver thread only
-        self._spool = Spool(config.plugins.fee.spool)
+        self._spool = Spool(fee_section(config).spool)
         self._thread: threading.Thread | None = None
         self._storing = 0  # requests in the batch being stored
         self._failure: str | None = None  # why the receiver's thread died
@@ -172,7 +173,7 @@ class FeePlugin:
 
     @property
     def _fee(self) -> FeeConfig:
-        return self._config.plugins.fee
+        return fee_section(self._config)
 
     # -- the Plugin protocol -------------------------------------------------------------
 
@@ -197,13 +198,13 @@ class FeePlugin:
         applied raises EdmError naming its key; the receiver then serves on with every one of
         its previous settings (the fee settings change together or not at all)."""
         with self._lock:
-            old, new = self._fee, config.plugins.fee
+            old, new = self._fee, fee_section(config)
             if _settings(new) == _settings(old) or self._state == "stopped":
                 if new.spool != old.spool:
                     self._spool = Spool(new.spool)
                 self._config = config
-                if self._gate is not None and config.plugins.fee.curve is not None:
-                    self._gate.reload(config.plugins.fee.curve)
+                if self._gate is not None and new.curve is not None:
+                    self._gate.reload(new.curve)
                 return
             if _settings(new)[3] != _settings(old)[3]:
                 # The server's key pair is set on the socket before it binds, and the socket is

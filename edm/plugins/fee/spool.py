@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edm.logs import escape_body
+from edm.paths import make_dirs
 from edm.plugins.fee.parse import Fee, MalformedRequest, parse_request
 
 log = logging.getLogger(__name__)
@@ -166,19 +167,6 @@ class Spool:
                 os.fchmod(self._fd, 0o600)
                 _fsync_dir(self.path.parent)
         return self._fd
-
-
-def make_dirs(path: Path, mode: int = 0o750) -> None:
-    """Create missing directories, every level with ``mode`` (os.makedirs applies it to the last only)."""
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for directory in reversed(missing):
-        try:
-            directory.mkdir(mode=mode)
-        except FileExistsError:
-            pass
 
 
 def _fsync_dir(path: Path) -> None:
