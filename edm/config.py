@@ -56,6 +56,8 @@ class AmqpConfig:
     handler_options: Mapping[str, Any] = field(default_factory=dict)
     max_retries: int = 3
     tls: AmqpTlsConfig = field(default_factory=AmqpTlsConfig)
+    # The consumer's fast lane (edm.amqp.fastlane) and flushing I/O loop; false: pika's plain path.
+    fast_lane: bool = True
 
 
 @dataclass(frozen=True)
@@ -341,6 +343,7 @@ def _parse_amqp(raw: Mapping[str, Any], environ: Mapping[str, str], base: Path) 
         handler_options=dict(options),
         max_retries=_int(raw, "max_retries", "amqp", d.max_retries, 0),
         tls=_parse_amqp_tls(raw.get("tls"), base),
+        fast_lane=_bool(raw, "fast_lane", "amqp", d.fast_lane),
     )
 
 
