@@ -6,6 +6,7 @@ renamed where pika reads it) before edm is imported, and looks at what edm then 
 
 from __future__ import annotations
 
+import dis
 import subprocess
 import sys
 import textwrap
@@ -14,12 +15,12 @@ from pathlib import Path
 
 import pytest
 from conftest import delete_topology, unique
-from pika.adapters.select_connection import IOLoop
+from pika.adapters.select_connection import IOLoop, SelectConnection
 
 from edm.amqp import _pika_private
 from edm.amqp.fastlane import FastLaneConnection, LaneConnection, connection_class
 from edm.amqp.ioloop import FlushingIOLoop, io_loop
-from edm.internals import Private, missing
+from edm.internals import _LOADS, _STORES, Private, _codes, _uses, missing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +44,7 @@ del Connection._output_marshaled_frames
 CHECK = """
 import logging, sys
 logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(name)s %(message)s")
-from pika.adapters.select_connection import IOLoop
+from pika.adapters.select_connection import IOLoop, SelectConnection
 from edm.amqp.fastlane import LaneConnection, connection_class
 from edm.amqp.ioloop import io_loop
 assert connection_class(True) is LaneConnection
@@ -166,3 +167,42 @@ def test_an_attribute_edm_would_set_is_reported_when_nobody_reads_it() -> None:
     assert missing([Private(Library, "_unused", read_by=(Library,))]) == [
         f"{__name__}.Library._unused (no longer used by {__name__}.Library)"
     ]
+
+
+# -- edm's own attributes on pika's classes --------------------------------------------------------
+
+
+def own_names(cls: type) -> set[str]:
+    """The attributes a class of edm defines or assigns in its own code (not its bases')."""
+    names = {name for name in vars(cls) if not name.startswith(("__", "_abc_"))}
+    for value in vars(cls).values():
+        for code in _codes(value):
+            names |= {i.argval for i in dis.get_instructions(code) if i.opname == "STORE_ATTR"}
+    return names
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "overrides"),
+    [
+        (LaneConnection, SelectConnection, {"channel"}),
+        (
+            FastLaneConnection,
+            SelectConnection,
+            {"on_data", "bytes_sent", "frames_sent", "bytes_received", "frames_received"},  # pika's counters
+        ),
+        (_pika_private.ConnectionHooks, SelectConnection, {"_on_data_available", "_frame_buffer"}),
+        (FlushingIOLoop, IOLoop, {"add_handler", "update_handler", "remove_handler", "poll"}),
+        (_pika_private.IOLoopHooks, IOLoop, set()),
+    ],
+)
+def test_edm_gives_no_attribute_of_its_own_a_name_pika_uses(
+    ours: type, theirs: type, overrides: set[str]
+) -> None:
+    # (an attribute named like one of pika's would silently replace it: LaneConnection's
+    # map of channels was once called _opened, which pika's Connection uses for a flag)
+    clashes = {
+        name
+        for name in own_names(ours) - overrides
+        if hasattr(theirs, name) or _uses(theirs, name, _STORES | _LOADS)
+    }
+    assert clashes == set()

@@ -93,13 +93,13 @@ def fast_path() -> bool:
 class ConnectionHooks(SelectConnection):  # type: ignore[misc]  # pika has no type hints for mypy
     """pika's SelectConnection with the internals the fast lane needs behind public names.
 
-    Received data goes to ``received()``; a subclass that takes some of it itself hands the
+    Received data goes to ``on_data()``; a subclass that takes some of it itself hands the
     rest to pika with ``pika_received()``."""
 
     def _on_data_available(self, data_in: bytes) -> None:
-        self.received(data_in)
+        self.on_data(data_in)
 
-    def received(self, data: bytes) -> None:
+    def on_data(self, data: bytes) -> None:
         """Data from the broker, in order; by default all of it goes to pika's decoder."""
         SelectConnection._on_data_available(self, data)
 
@@ -137,7 +137,7 @@ class ConnectionHooks(SelectConnection):  # type: ignore[misc]  # pika has no ty
         transport = self._transport
         return transport is not None and not transport.get_write_buffer_size()
 
-    def abort(self, error: BaseException) -> None:
+    def abort_connection(self, error: BaseException) -> None:
         """End the connection as pika's transport does on an error of its own."""
         self._transport._initiate_abort(error)
 

@@ -200,10 +200,10 @@ class FastLaneConnection(LaneConnection, ConnectionHooks):
         if not data:
             return False
         try:
-            self.received(data)
+            self.on_data(data)
         except Exception as exc:  # as pika's transport does: log, abort the connection
             log.exception("Processing the data received failed; closing the connection.")
-            self.abort(exc)
+            self.abort_connection(exc)
         return True
 
     def send_ack(self, channel_number: int, delivery_tag: int) -> None:
@@ -227,7 +227,7 @@ class FastLaneConnection(LaneConnection, ConnectionHooks):
                 ack = ack[sent:]
         self.send_frames((ack,))
 
-    def received(self, data_in: bytes) -> None:
+    def on_data(self, data_in: bytes) -> None:
         lane = self._lane
         if lane is None:
             self.pika_received(data_in)

@@ -30,12 +30,15 @@ one pika registered.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 
 from pika.adapters.select_connection import IOLoop
 
 from edm.amqp._pika_private import MISSING, IOLoopHooks, fast_path
+
+log = logging.getLogger(__name__)
 
 FdHandler = Callable[[int, int], None]
 Reader = Callable[[], bool]
@@ -44,7 +47,10 @@ Reader = Callable[[], bool]
 def io_loop(fast_lane: bool) -> IOLoop:
     """The consumer's I/O loop: a FlushingIOLoop with ``amqp.fast_lane`` on (and the pika
     internals it needs there, see ``fast_path()``), else pika's plain IOLoop."""
-    return FlushingIOLoop() if fast_lane and fast_path() else IOLoop()
+    if not fast_lane:
+        log.info("amqp.fast_lane is false: the consumer runs on pika's plain SelectConnection and IOLoop.")
+        return IOLoop()
+    return FlushingIOLoop() if fast_path() else IOLoop()
 
 
 class FlushingIOLoop(IOLoopHooks):
