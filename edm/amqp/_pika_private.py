@@ -120,7 +120,7 @@ class ConnectionHooks(SelectConnection):  # type: ignore[misc]  # pika has no ty
     def plain_socket(self) -> socket.socket | None:
         """The socket of a plain TCP connection (not TLS), while there is one."""
         transport = self._transport
-        if transport is None or type(transport) is not _PlainTransport:
+        if type(transport) is not _PlainTransport:
             return None
         sock: socket.socket | None = transport._sock
         return sock
@@ -132,10 +132,14 @@ class ConnectionHooks(SelectConnection):  # type: ignore[misc]  # pika has no ty
             transport._MAX_RECV_BYTES = size
             transport._MAX_CONSUME_BYTES = 1
 
-    def nothing_to_send(self) -> bool:
-        """Whether pika's transport has no output queued (a frame sent now keeps the order)."""
+    def idle_socket(self) -> socket.socket | None:
+        """The socket of a plain TCP connection with no output queued in pika's transport: a
+        frame sent on it now keeps the order of frames."""
         transport = self._transport
-        return transport is not None and not transport.get_write_buffer_size()
+        if type(transport) is not _PlainTransport or transport.get_write_buffer_size():
+            return None
+        sock: socket.socket | None = transport._sock
+        return sock
 
     def abort_connection(self, error: BaseException) -> None:
         """End the connection as pika's transport does on an error of its own."""

@@ -213,8 +213,8 @@ class FastLaneConnection(LaneConnection, ConnectionHooks):
         socket; whatever the socket does not take (or any error) goes pika's way.
         """
         ack = _ACK.pack(_METHOD, channel_number, 13, _ACK_ID, delivery_tag, 0, _FRAME_END)
-        sock = self.plain_socket()
-        if sock is not None and self.nothing_to_send():
+        sock = self.idle_socket()
+        if sock is not None:
             try:
                 sent = sock.send(ack)
             except OSError:

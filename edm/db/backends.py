@@ -38,7 +38,10 @@ _CR_SSL_CONNECTION_ERROR = 2026  # pymysql.constants.CR.CR_SSL_CONNECTION_ERROR
 _SQLITE_DUPLICATE = frozenset({1555, 2067})  # SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE
 
 
-class _Backend:
+class Backend:
+    """What ``Database`` needs of a kind of pool; ``unavailable`` and ``errors`` are the driver
+    exceptions it translates into DatabaseUnavailable and DatabaseError."""
+
     unavailable: tuple[type[BaseException], ...] = ()
     errors: tuple[type[BaseException], ...] = ()
 
@@ -75,7 +78,9 @@ class _Backend:
         raise NotImplementedError
 
 
-class _MysqlBackend(_Backend):
+class MysqlBackend(Backend):
+    """DBUtils' PooledDB over PyMySQL, at READ COMMITTED, with multi-statement packets."""
+
     def __init__(self, url: DatabaseUrl, pool_size: int, timeout: float, tls: DatabaseTls | None) -> None:
         self.unavailable = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
         self.errors = (pymysql.err.Error, TlsRefused)
@@ -250,7 +255,9 @@ def require_tls(con: Any) -> None:
         raise TlsRefused("the server did not encrypt the session (database.tls asks for TLS)")
 
 
-class _SqliteBackend(_Backend):
+class SqliteBackend(Backend):
+    """A few stdlib sqlite3 connections to one file, in WAL mode."""
+
     unavailable = (sqlite3.OperationalError,)
     errors = (sqlite3.Error,)
 

@@ -39,7 +39,7 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from edm.db import _pymysql_private as private
-from edm.db.backends import _Backend, _MysqlBackend, _SqliteBackend
+from edm.db.backends import Backend, MysqlBackend, SqliteBackend
 from edm.db.deadline import readable, until
 from edm.db.url import DatabaseUrl, Dialect, parse_url
 from edm.errors import DatabaseError, DatabaseUnavailable, DuplicateKey
@@ -203,12 +203,12 @@ class Database(Transactions):
         self.timeout = timeout
         self.url = masked_url
         self._secrets = (url.password,) if url.password else ()
-        self._backend: _Backend
+        self._backend: Backend
         if url.dialect == "mysql":
-            self._backend = _MysqlBackend(url, pool_size, timeout, tls)
+            self._backend = MysqlBackend(url, pool_size, timeout, tls)
         else:
             assert url.path is not None
-            self._backend = _SqliteBackend(url.path, pool_size, timeout)
+            self._backend = SqliteBackend(url.path, pool_size, timeout)
 
     @classmethod
     def open(cls, cfg: DatabaseConfig) -> Database:
