@@ -13,11 +13,23 @@ import subprocess
 import threading
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import EdmEnv, alive, wait_for
 
+from edm.config import parse
+from edm.errors import ConfigError
+
 PLAIN = "amqp.fast_lane is false: the consumer runs on pika's plain SelectConnection and IOLoop."
+
+
+def test_the_key_is_true_or_false_and_on_by_default(tmp_path: Path) -> None:
+    path = tmp_path / "mq.yaml"
+    assert parse({}, path, environ={}).amqp.fast_lane is True
+    assert parse({"amqp": {"fast_lane": False}}, path, environ={}).amqp.fast_lane is False
+    with pytest.raises(ConfigError, match=r"^amqp\.fast_lane: must be true or false$"):
+        parse({"amqp": {"fast_lane": "no"}}, path, environ={})
 
 
 def rabbitmqctl(*args: str) -> str:
