@@ -83,7 +83,8 @@ def fast_path() -> bool:
     if MISSING:
         log.warning(
             "pika %s lacks what edm's fast lane relies on (%s); the consumer uses pika's plain "
-            "SelectConnection and IOLoop instead (slower, otherwise the same).",
+            "SelectConnection and IOLoop instead (slower, otherwise the same; amqp.fast_lane: false "
+            "chooses that without this warning).",
             pika.__version__,
             "; ".join(MISSING),
         )
