@@ -68,6 +68,8 @@ class AmqpConfig:
     max_retries: int = 3
     workers: int = 1  # consumer processes, each with its own connection, each supervised alone
     tls: AmqpTlsConfig = field(default_factory=AmqpTlsConfig)
+    # The consumer's fast lane (edm.amqp.fastlane) and flushing I/O loop; false: pika's plain path.
+    fast_lane: bool = True
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,7 @@ def _parse_amqp(raw: Mapping[str, Any], environ: Mapping[str, str], base: Path) 
         max_retries=_int(raw, "max_retries", "amqp", d.max_retries, 0),
         workers=_workers(raw),
         tls=_parse_amqp_tls(raw.get("tls"), base),
+        fast_lane=_bool(raw, "fast_lane", "amqp", d.fast_lane),
     )
 
 

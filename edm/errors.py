@@ -33,16 +33,17 @@ class BrokerError(EdmError):
     """The AMQP broker refused or dropped us."""
 
 
-class HandlerError(EdmError):
-    """The message handler cannot be loaded."""
-
-
 class DatabaseError(EdmError):
     """The database refused a statement or the URL is unusable; the password is masked."""
 
 
 class DatabaseUnavailable(DatabaseError):
     """The database cannot be reached (refused, timed out, connection lost)."""
+
+
+class DuplicateKey(DatabaseError):
+    """A statement would have made a second row with the same primary or unique key (MySQL's
+    error 1062, sqlite's UNIQUE constraint); any other refusal is a plain DatabaseError."""
 
 
 class LogWriteError(EdmError, OSError):

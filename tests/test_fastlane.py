@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from edm.amqp.consumer import Consumer
 from edm.amqp.fastlane import Lane, decode_properties, take_delivery
-from edm.amqp.ioloop import FlushingIOLoop
+from edm.amqp.ioloop import io_loop
 from edm.config import AmqpConfig
 from edm.handlers import Message
 from edm.handlers.loader import HandlerFactory
@@ -181,7 +181,9 @@ def names() -> Iterator[str]:
     delete_topology({name, f"{name}.dead"}, {name})
 
 
-def consume(name: str, count: int, publish: Callable[[], None], handler: Any = None) -> list[Message]:
+def consume(
+    name: str, count: int, publish: Callable[[], None], handler: Any = None, fast_lane: bool = True
+) -> list[Message]:
     """Run edm's consumer in this thread; ``publish`` runs in another once it consumes."""
     seen: list[Message] = []
     consumer: Consumer
@@ -199,8 +201,10 @@ def consume(name: str, count: int, publish: Callable[[], None], handler: Any = N
             publisher.append(threading.Thread(target=publish))
             publisher[0].start()
 
-    amqp = AmqpConfig(url=(AMQP_URL,), exchange=name, queue=name, routing_key=name, prefetch=1)
-    consumer = Consumer(amqp, HandlerFactory("test:record", record), on_state, FlushingIOLoop())
+    amqp = AmqpConfig(
+        url=(AMQP_URL,), exchange=name, queue=name, routing_key=name, prefetch=1, fast_lane=fast_lane
+    )
+    consumer = Consumer(amqp, HandlerFactory("test:record", record), on_state, io_loop(fast_lane))
     timer = threading.Timer(30, consumer.stop)  # a hung consumer fails the test, never the run
     timer.start()
     try:
@@ -213,7 +217,8 @@ def consume(name: str, count: int, publish: Callable[[], None], handler: Any = N
     return seen
 
 
-def test_deliveries_reach_the_handler_whole_with_their_properties(names: str) -> None:
+@pytest.mark.parametrize("fast_lane", [True, False], ids=["fast lane", "plain pika"])
+def test_deliveries_reach_the_handler_whole_with_their_properties(names: str, fast_lane: bool) -> None:
     # Given messages published while edm consumes: empty, with properties, over one frame
     big = bytes(range(256)) * 1200  # over one frame (128 KiB): several body frames
     sent = [
@@ -233,7 +238,9 @@ def test_deliveries_reach_the_handler_whole_with_their_properties(names: str) ->
 
     # When edm consumes them
     encoded: list[bool] = []
-    seen = consume(names, len(sent), publish, lambda m: encoded.append(isinstance(m._properties, bytes)))
+    seen = consume(
+        names, len(sent), publish, lambda m: encoded.append(isinstance(m._properties, bytes)), fast_lane
+    )
 
     # Then each arrives once, whole, with its properties and headers
     assert [m.body for m in seen] == [b for b, _ in sent]
@@ -244,8 +251,12 @@ def test_deliveries_reach_the_handler_whole_with_their_properties(names: str) ->
     assert seen[1].properties.message_id == "id-1"
     assert seen[2].properties.correlation_id == "c-9"
     assert seen[3].headers == {"x": b"\xff"}
-    # the small ones came through the lane: their properties were still encoded in the handler
-    assert encoded[:2] == [True, True] and encoded[3]
+    if fast_lane:
+        # the small ones came through the lane: their properties were still encoded in the handler
+        assert encoded[:2] == [True, True] and encoded[3]
+    else:
+        # amqp.fast_lane false: every one came through pika's own decoder
+        assert encoded == [False] * len(sent)
     connection, channel = amqp_channel()
     try:
         assert channel.queue_declare(names, passive=True).method.message_count == 0

@@ -29,8 +29,8 @@ import pika.frame
 import pika.spec
 from pika.adapters.select_connection import IOLoop
 
-from edm.amqp.fastlane import FastLaneConnection, Lane, decode_properties
-from edm.amqp.ioloop import FlushingIOLoop
+from edm.amqp.fastlane import Lane, LaneConnection, connection_class, decode_properties
+from edm.amqp.ioloop import FlushingIOLoop, io_loop
 from edm.amqp.params import describe, insecure_tls_warning, parameters
 from edm.amqp.topology import helper_queue_arguments, inequivalent_helper
 from edm.config import AmqpConfig
@@ -91,9 +91,9 @@ class Consumer:
         self.handlers = handlers
         self.bound = handlers.build()  # raises ConfigError naming amqp.handler
         self.handler = self.bound.call
-        self.ioloop = ioloop or FlushingIOLoop()
+        self.ioloop = ioloop or io_loop(amqp.fast_lane)
         self._emit = emit
-        self._connection: FastLaneConnection | None = None
+        self._connection: LaneConnection | None = None
         self._connection_url = ""
         self._blocked: tuple[str, float] | None = None  # while the broker blocks us: (state before, since)
         self._channel: pika.channel.Channel | None = None
@@ -245,7 +245,7 @@ class Consumer:
         # connection waits it out instead of being torn down (a reconnect would redeliver the
         # message, fail it again and meet the same alarm). Heartbeats go on meanwhile.
         params.blocked_connection_timeout = None
-        connection = FastLaneConnection(
+        connection = connection_class(self.amqp.fast_lane)(
             params,
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error,
@@ -258,12 +258,12 @@ class Consumer:
         self._connection_url = url
         self._blocked = None
 
-    def _on_open(self, connection: FastLaneConnection) -> None:
+    def _on_open(self, connection: LaneConnection) -> None:
         self.connected_url = self._connection_url
         log.info("Connected to %s.", mask_url(self._connection_url))
         connection.channel(on_open_callback=self._on_channel_open)
 
-    def _on_blocked(self, connection: FastLaneConnection, frame: pika.frame.Method) -> None:
+    def _on_blocked(self, connection: LaneConnection, frame: pika.frame.Method) -> None:
         """The broker stopped reading this connection (a memory or disk alarm): say so once."""
         if connection is not self._connection or self._blocked is not None:
             return
@@ -272,7 +272,7 @@ class Consumer:
         self._blocked = (self._state, time.monotonic())
         self._set_state(f"blocked by the broker: {reason}")
 
-    def _on_unblocked(self, connection: FastLaneConnection, _frame: pika.frame.Method) -> None:
+    def _on_unblocked(self, connection: LaneConnection, _frame: pika.frame.Method) -> None:
         """The alarm is over: what waited (a dead letter's confirm) goes on by itself."""
         if connection is not self._connection or self._blocked is None:
             return
@@ -283,13 +283,13 @@ class Consumer:
             # A log that began failing meanwhile is what holds the consumer back now.
             self._set_state(self._log_failure.activity if self._log_failure is not None else before)
 
-    def _on_open_error(self, connection: FastLaneConnection | None, error: BaseException | str) -> None:
+    def _on_open_error(self, connection: LaneConnection | None, error: BaseException | str) -> None:
         reason = describe(error) if isinstance(error, BaseException) else mask_url(str(error))
         log.warning("Cannot connect to %s: %s.", mask_url(self._connection_url), reason)
         self._connection = None
         self._after_close()
 
-    def _on_closed(self, connection: FastLaneConnection, reason: BaseException) -> None:
+    def _on_closed(self, connection: LaneConnection, reason: BaseException) -> None:
         self._connection = None
         self._channel = None
         self._consumer_tag = None

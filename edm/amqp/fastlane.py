@@ -22,11 +22,12 @@ itself, one ``recv`` of up to 64 KiB each, without pika's transport in between; 
 hands on (the end of the stream, an error) pika's transport reads once per event too, instead
 of 4 KiB at a time until a read fails.
 
-What is overridden is pika's ``Connection._on_data_available`` (the adapter's entry for
-received data); the lane also reads and sets pika's frame buffer, counters and two of its
-transport's read limits, and sends on the transport's socket: ``pyproject.toml``
-pins pika below 1.5 for that reason, and ``tests/test_fastlane.py`` checks the lane against
-pika's own decoder, delivery for delivery.
+The lane takes received data before pika's decoder, reads and sets pika's frame buffer and
+two of its transport's read limits, and sends on the transport's socket: all of that through
+``edm.amqp._pika_private``, which checks at import that those internals are there. Where they
+are not, or ``amqp.fast_lane`` is false, ``connection_class()`` gives the plain
+``LaneConnection`` (pika's public API alone). ``tests/test_fastlane.py`` checks the lane
+against pika's own decoder, delivery for delivery.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from typing import Any
 
 import pika.spec
 from pika.adapters.select_connection import SelectConnection
-from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlainTransport
 
+from edm.amqp._pika_private import ConnectionHooks, fast_path
 from edm.amqp.ioloop import FlushingIOLoop
 
 log = logging.getLogger(__name__)
@@ -137,25 +138,49 @@ def decode_properties(encoded: bytes) -> pika.BasicProperties:
     return properties
 
 
-class FastLaneConnection(SelectConnection):  # type: ignore[misc]  # pika has no type hints for mypy
-    """pika's SelectConnection with a lane for one consumer's deliveries (see the module)."""
+class LaneConnection(SelectConnection):  # type: ignore[misc]  # pika has no type hints for mypy
+    """pika's SelectConnection with the lane's interface on pika's public API alone: the
+    plain path (``amqp.fast_lane`` off, or a pika without the internals the lane needs).
+
+    ``open_lane`` takes note only (deliveries come through ``basic_consume``'s callback), and
+    ``send_ack`` is the channel's ``basic_ack``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._lane: Lane | None = None
+        self._edm_channels: dict[int, Any] = {}  # channel number -> the channel, for send_ack
         super().__init__(*args, **kwargs)
+
+    def channel(self, channel_number: int | None = None, on_open_callback: Any = None) -> Any:
+        opened = super().channel(channel_number, on_open_callback)
+        self._edm_channels[opened.channel_number] = opened
+        return opened
 
     def open_lane(self, lane: Lane) -> None:
         self._lane = lane
-        transport = self._transport
-        if type(transport) is _PlainTransport:
+
+    def close_lane(self) -> None:
+        self._lane = None
+
+    def send_ack(self, channel_number: int, delivery_tag: int) -> None:
+        """Ack a delivery, as ``channel.basic_ack(tag)`` (the caller checked the channel is open)."""
+        self._edm_channels[channel_number].basic_ack(delivery_tag)
+
+
+class FastLaneConnection(LaneConnection, ConnectionHooks):
+    """A LaneConnection whose lane takes the deliveries itself (see the module); the pika
+    internals it needs are ``ConnectionHooks``'."""
+
+    def open_lane(self, lane: Lane) -> None:
+        self._lane = lane
+        if self.plain_socket() is not None:
             # One recv per readable event, of up to 64 KiB, instead of 4 KiB reads until one
             # fails with EAGAIN: that last recv and its exception were a syscall and ~10 us of
             # every message. The poller is level-triggered: data left unread is reported again.
-            transport._MAX_RECV_BYTES = RECV_BYTES
-            transport._MAX_CONSUME_BYTES = 1
+            self.read_in_chunks_of(RECV_BYTES)
             ioloop = self.ioloop
-            if isinstance(ioloop, FlushingIOLoop):
-                ioloop.set_reader(transport._sock.fileno(), self._read)
+            sock = self.plain_socket()
+            if isinstance(ioloop, FlushingIOLoop) and sock is not None:
+                ioloop.set_reader(sock.fileno(), self._read)
 
     def _read(self) -> bool:
         """The lane's own read of a readable socket: one recv, straight to the frames.
@@ -163,11 +188,11 @@ class FastLaneConnection(SelectConnection):  # type: ignore[misc]  # pika has no
         False hands the event to pika's transport (no lane, the end of the stream, an error),
         which then meets the condition itself and closes the connection its own way.
         """
-        transport = self._transport
-        if self._lane is None or type(transport) is not _PlainTransport:
+        sock = self.plain_socket()
+        if self._lane is None or sock is None:
             return False
         try:
-            data = transport._sock.recv(RECV_BYTES)
+            data = sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
@@ -175,14 +200,11 @@ class FastLaneConnection(SelectConnection):  # type: ignore[misc]  # pika has no
         if not data:
             return False
         try:
-            self._on_data_available(data)
+            self.on_data(data)
         except Exception as exc:  # as pika's transport does: log, abort the connection
             log.exception("Processing the data received failed; closing the connection.")
-            transport._initiate_abort(exc)
+            self.abort_connection(exc)
         return True
-
-    def close_lane(self) -> None:
-        self._lane = None
 
     def send_ack(self, channel_number: int, delivery_tag: int) -> None:
         """Send a basic.ack, as ``channel.basic_ack(tag)`` would (the caller checked the channel).
@@ -191,10 +213,10 @@ class FastLaneConnection(SelectConnection):  # type: ignore[misc]  # pika has no
         socket; whatever the socket does not take (or any error) goes pika's way.
         """
         ack = _ACK.pack(_METHOD, channel_number, 13, _ACK_ID, delivery_tag, 0, _FRAME_END)
-        transport = self._transport
-        if type(transport) is _PlainTransport and not transport.get_write_buffer_size():
+        sock = self.idle_socket()
+        if sock is not None:
             try:
-                sent = transport._sock.send(ack)
+                sent = sock.send(ack)
             except OSError:
                 sent = 0  # pika's writer meets the error again and handles it as its own
             if sent:
@@ -203,14 +225,14 @@ class FastLaneConnection(SelectConnection):  # type: ignore[misc]  # pika has no
                     self.frames_sent += 1
                     return
                 ack = ack[sent:]
-        self._output_marshaled_frames((ack,))
+        self.send_frames((ack,))
 
-    def _on_data_available(self, data_in: bytes) -> None:
+    def on_data(self, data_in: bytes) -> None:
         lane = self._lane
         if lane is None:
-            super()._on_data_available(data_in)
+            self.pika_received(data_in)
             return
-        buffered: bytes = self._frame_buffer  # type: ignore[has-type]  # pika sets it untyped
+        buffered = self.frame_buffer
         data = buffered + data_in if buffered else data_in
         pos = frames = 0
         size = len(data)
@@ -222,6 +244,13 @@ class FastLaneConnection(SelectConnection):  # type: ignore[misc]  # pika has no
         if frames:
             self.frames_received += frames
             self.bytes_received += pos
-        self._frame_buffer = data[pos:] if pos else data
-        if self._frame_buffer:
-            super()._on_data_available(b"")
+        rest = data[pos:] if pos else data
+        self.frame_buffer = rest
+        if rest:
+            self.pika_received(b"")
+
+
+def connection_class(fast_lane: bool) -> type[LaneConnection]:
+    """The consumer's connection: with ``amqp.fast_lane`` on (and the pika internals the lane
+    needs there, see ``fast_path()``) a FastLaneConnection, else the plain LaneConnection."""
+    return FastLaneConnection if fast_lane and fast_path() else LaneConnection

@@ -20,8 +20,9 @@ event it does not want on to pika's handler. When a poll returns that one event 
 steady state: the next delivery has arrived), ``poll()`` calls the reader straight away,
 without the event map pika builds and walks; that and the consumer handling a delivery before
 the loop's timers took the time from a delivery's arrival to its ack from 26.8 to 22.0 µs
-(median, bench machine). That shortcut uses pika's poller's own ``_poll``,
-``_get_max_wait`` and ``_dispatch_fd_events`` (pika is pinned for ``edm.amqp.fastlane`` already).
+(median, bench machine). That shortcut waits on pika's poller itself
+(``IOLoopHooks.poll_events`` and ``dispatch_events``, in ``edm.amqp._pika_private``); where
+that module's check failed, ``io_loop()`` gives pika's plain IOLoop instead.
 
 Only ``IOLoop``'s public and extension methods are overridden; the handler called is the
 one pika registered.
@@ -29,16 +30,30 @@ one pika registered.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 
 from pika.adapters.select_connection import IOLoop
 
+from edm.amqp._pika_private import MISSING, IOLoopHooks, fast_path
+
+log = logging.getLogger(__name__)
+
 FdHandler = Callable[[int, int], None]
 Reader = Callable[[], bool]
 
 
-class FlushingIOLoop(IOLoop):  # type: ignore[misc]  # pika has no type hints for mypy
+def io_loop(fast_lane: bool) -> IOLoop:
+    """The consumer's I/O loop: a FlushingIOLoop with ``amqp.fast_lane`` on (and the pika
+    internals it needs there, see ``fast_path()``), else pika's plain IOLoop."""
+    if not fast_lane:
+        log.info("amqp.fast_lane is false: the consumer runs on pika's plain SelectConnection and IOLoop.")
+        return IOLoop()
+    return FlushingIOLoop() if fast_path() else IOLoop()
+
+
+class FlushingIOLoop(IOLoopHooks):
     def __init__(self) -> None:
         super().__init__()
         self._fd_handlers: dict[int, FdHandler] = {}
@@ -90,18 +105,16 @@ class FlushingIOLoop(IOLoop):  # type: ignore[misc]  # pika has no type hints fo
                 handler(fd, self.WRITE)
 
     def poll(self) -> None:
-        for fd, events in self._wanted.items():  # (_watch changes _watched only)
-            if events != self._watched.get(fd):
-                self._watch(fd, events)
-        poller = self._poller
-        wait = getattr(poller, "_poll", None)
-        if not self._readers or wait is None:
+        for fd, wanted in self._wanted.items():  # (_watch changes _watched only)
+            if wanted != self._watched.get(fd):
+                self._watch(fd, wanted)
+        events = self.poll_events() if self._readers and not MISSING else None
+        if events is None:
             super().poll()
             return
         # pika's poll() with a shortcut for the one event of the steady state, a reader's
         # socket turning readable: straight to the reader, without the event map pika
         # builds and walks for it. Anything else is dispatched as pika does.
-        events = wait.poll(poller._get_max_wait())
         if len(events) == 1:
             fd, event = events[0]
             reader = self._readers.get(fd)
@@ -112,7 +125,7 @@ class FlushingIOLoop(IOLoop):  # type: ignore[misc]  # pika has no type hints fo
         fd_events: defaultdict[int, int] = defaultdict(int)
         for fd, event in events:
             fd_events[fd] |= event
-        poller._dispatch_fd_events(fd_events)
+        self.dispatch_events(fd_events)
 
     def _watch(self, fd: int, events: int) -> None:
         super().update_handler(fd, events)

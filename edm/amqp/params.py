@@ -1,11 +1,10 @@
-"""Broker URLs: pika connection parameters, errors in words, and publishing with confirms."""
+"""Broker URLs: pika connection parameters (TLS included) and broker errors in words."""
 
 from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import pika
@@ -14,7 +13,7 @@ import pika.exceptions
 
 from edm.config import AmqpTlsConfig
 from edm.errors import BrokerError
-from edm.redact import mask_text, mask_url
+from edm.redact import mask_text
 
 _NO_TLS = AmqpTlsConfig()
 
@@ -81,46 +80,6 @@ def insecure_tls_warning(urls: Sequence[str], tls: AmqpTlsConfig) -> str | None:
         "amqp.tls.verify is false: the broker's certificate and host name are not checked, "
         "so anyone between edm and the broker can read and change the messages"
     )
-
-
-@dataclass
-class PublishResult:
-    confirmed: int
-    failed: int
-
-
-def publish(
-    urls: Sequence[str],
-    exchange: str,
-    routing_key: str,
-    bodies: Iterable[bytes],
-) -> PublishResult:
-    """Publish persistent, mandatory messages with publisher confirms; count what was confirmed.
-
-    Raises BrokerError when no URL connects or the connection fails before any confirm.
-    Unroutable and nacked messages count as failed. See ``edm.cli.publish`` for the details.
-    """
-    from edm.cli.publish import publish_bodies  # edm.cli.publish builds on this module
-
-    report = publish_bodies(urls, exchange, routing_key, bodies)
-    if report.error and report.published == 0:
-        raise BrokerError(report.error)
-    return PublishResult(report.confirmed, report.not_confirmed)
-
-
-def connect_blocking(
-    urls: Sequence[str], heartbeat: int | None = None, tls: AmqpTlsConfig | None = None
-) -> pika.BlockingConnection:
-    """Connect to the first URL that answers; the error names each masked URL that failed."""
-    problems = []
-    for url in urls:
-        try:
-            return pika.BlockingConnection(parameters(url, heartbeat, tls))
-        except BrokerError as exc:
-            problems.append(f"{mask_url(url)}: {exc}")
-        except pika.exceptions.AMQPError as exc:
-            problems.append(f"{mask_url(url)}: {describe(exc)}")
-    raise BrokerError("cannot connect to the broker: " + "; ".join(problems))
 
 
 def describe(exc: BaseException | str) -> str:

@@ -104,7 +104,7 @@ from edm.plugins.fee.auth import Gate, load_server_keys
 from edm.plugins.fee.config import FeeConfig, FeeCurve, fee_section
 from edm.plugins.fee.guard import PeerCap
 from edm.plugins.fee.parse import MAX_REQUEST, Fee, MalformedRequest, parse_request
-from edm.plugins.fee.sink import Put, Sink
+from edm.plugins.fee.sink import Flight, Sink
 from edm.plugins.fee.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -137,16 +137,6 @@ _SRCFD = int(zmq.SRCFD) if hasattr(zmq, "SRCFD") else None
 class _Request:
     envelope: list[bytes]
     fee: Fee
-
-
-@dataclass
-class _Flight:
-    """A batch being stored: its requests, their tickets, the session it is stored on."""
-
-    batch: list[_Request]
-    tickets: set[int]
-    session: Session
-    put: Put
 
 
 class FeePlugin:
@@ -403,7 +393,7 @@ class FeePlugin:
         router = self._router
         sessions = [self._db.session() for _ in range(min(IN_FLIGHT, self._db.pool_size))]
         free = list(sessions)  # sessions with no batch in flight
-        flight: dict[int, _Flight] = {}  # by the database socket its outcome arrives on
+        flight: dict[int, Flight] = {}  # by the database socket its outcome arrives on
         poller = zmq.Poller()
         idle_since = time.monotonic()
         try:
@@ -433,19 +423,20 @@ class FeePlugin:
                 batch = self._receive()
                 if not batch:
                     continue
-                tickets = {request.fee.ticket for request in batch}
+                fees = [request.fee for request in batch]
+                tickets = {fee.ticket for fee in fees}
                 for fd, other in list(flight.items()):
                     if not tickets.isdisjoint(other.tickets):  # a ticket's fees are stored in order
                         poller.unregister(fd)
                         self._answer(flight.pop(fd), free)
-                session = free.pop()
-                put = self._sink.start(session, [request.fee for request in batch])
-                self._storing += len(batch)
-                fd = put.fileno()
+                new = Flight(fees, free.pop(), [request.envelope for request in batch], tickets)
+                self._sink.start(new)
+                self._storing += len(fees)
+                fd = new.fileno()
                 if fd < 0:
-                    self._answer(_Flight(batch, tickets, session, put), free)  # done already
+                    self._answer(new, free)  # done already
                 else:
-                    flight[fd] = _Flight(batch, tickets, session, put)
+                    flight[fd] = new
                     poller.register(fd, zmq.POLLIN)
         except Exception as exc:
             log.exception("The fee receiver failed; requests it held got no reply.")
@@ -461,13 +452,13 @@ class FeePlugin:
             for session in sessions:
                 session.close()
 
-    def _answer(self, done: _Flight, free: list[Session]) -> None:
+    def _answer(self, done: Flight, free: list[Session]) -> None:
         """Wait for a batch's outcome, answer its requests, free its session."""
-        reply = self._sink.finish(done.put)
+        reply = self._sink.finish(done)
         free.append(done.session)
-        self._storing -= len(done.batch)
-        for request in done.batch:
-            self._send(request.envelope, reply)
+        self._storing -= len(done.fees)
+        for envelope in done.envelopes:
+            self._send(envelope, reply)
 
     def _receive(self) -> list[_Request]:
         """The valid requests waiting now, up to MAX_BATCH; the others answered at once."""
@@ -565,18 +556,18 @@ class FeePlugin:
         self._counts[name] += n
 
 
-def _wait_ms(flight: dict[int, _Flight]) -> int:
+def _wait_ms(flight: dict[int, Flight]) -> int:
     """How long to wait for the next event: IDLE_MS, or less when a batch's deadline is sooner."""
     if not flight:
         return IDLE_MS
-    left = min(done.put.deadline for done in flight.values()) - time.monotonic()
+    left = min(done.deadline for done in flight.values()) - time.monotonic()
     return IDLE_MS if left * 1000 >= IDLE_MS else max(0, math.ceil(left * 1000))
 
 
-def _overdue(flight: dict[int, _Flight]) -> list[int]:
+def _overdue(flight: dict[int, Flight]) -> list[int]:
     """The batches in flight whose database.timeout has run out (by their socket)."""
     now = time.monotonic()
-    return [fd for fd, done in flight.items() if done.put.deadline <= now]
+    return [fd for fd, done in flight.items() if done.deadline <= now]
 
 
 def _split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:

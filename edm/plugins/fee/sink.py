@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from edm.db import Session
+from edm.db import Pending, Session
 from edm.errors import DatabaseError
 from edm.plugins.fee import store as fee_store
 from edm.plugins.fee.parse import Fee
@@ -32,23 +32,32 @@ RETRY_MIN, RETRY_MAX = 0.5, 5.0  # seconds between attempts to reach a database 
 REPLAY_SLICE = 0.2  # seconds of replay before the receiver looks at new requests again
 
 
-@dataclass
-class Put:
-    """A batch of fees on its way: being stored (``storing``), or already answered (``reply``)."""
+@dataclass(eq=False)
+class Flight:
+    """A batch of fees on its way to being durable: the fee path's one in-flight type.
 
-    fees: Sequence[Fee]
-    storing: fee_store.Storing | None = None
-    reply: bytes = TRUE
+    ``Sink.start()`` sends it to the table on ``session`` (the transaction ``pending`` when it
+    is left in flight) or spools it and sets ``reply`` at once; ``Sink.finish()`` completes it
+    and returns the reply every fee of it gets. ``envelopes`` and ``tickets`` are the
+    receiver's: whom to answer (one per fee), and the tickets a later batch must not share
+    while this one is in flight."""
+
+    fees: list[Fee]
+    session: Session
+    envelopes: list[list[bytes]]
+    tickets: set[int]
+    pending: Pending | None = None
+    reply: bytes | None = None  # known already (spooled, or refused); None: the table's outcome
 
     def fileno(self) -> int:
         """What to wait on before ``Sink.finish()``; -1 when it need not wait."""
-        return -1 if self.storing is None else self.storing.fileno()
+        return -1 if self.pending is None else self.pending.fileno()
 
     @property
     def deadline(self) -> float:
         """When the database's answer is given up (database.timeout after the batch was
         sent): ``Sink.finish()`` then spools the batch without waiting any longer."""
-        return math.inf if self.storing is None else self.storing.deadline
+        return math.inf if self.pending is None else self.pending.deadline
 
 
 class Sink:
@@ -84,38 +93,37 @@ class Sink:
         except DatabaseError as exc:
             log.warning("The database does not answer yet (%s); fees are spooled while it does not.", exc)
 
-    def put(self, session: Session, fees: Sequence[Fee]) -> bytes:
-        """Make the fees durable; the reply they all get (TRUE unless table and spool failed)."""
-        return self.finish(self.start(session, fees))
-
-    def start(self, session: Session, fees: Sequence[Fee]) -> Put:
-        """``put()``'s first half: send the fees to the table (or spool them, see the module);
-        ``finish()`` completes it. Between the two the session takes no other work."""
+    def start(self, flight: Flight) -> None:
+        """Send the flight's fees to the table (or spool them, see the module); ``finish()``
+        completes it. Between the two the flight's session takes no other work."""
         if self._spool.pending:
-            return Put(fees, reply=self._spooled(fees))
+            flight.reply = self._spooled(flight.fees)
+            return
         try:
-            self._ready(session)
-            storing = fee_store.Storing(session, self._table, fees, self._process)
+            self._ready(flight.session)
+            flight.pending = fee_store.send(flight.session, self._table, flight.fees, self._process)
         except DatabaseError as exc:
             self._database_down(exc)
-            return Put(fees, reply=self._spooled(fees))
-        return Put(fees, storing=storing)
+            flight.reply = self._spooled(flight.fees)
 
-    def finish(self, put: Put) -> bytes:
-        """Wait for a started put's outcome, until its deadline at most; the reply its fees all get.
+    def finish(self, flight: Flight) -> bytes:
+        """Wait for a started flight's outcome, until its deadline at most; the reply its fees
+        all get.
 
         A batch the table refused, or whose answer did not come by the deadline, goes to the
         spool, behind whatever is spooled already.
         """
-        if put.storing is None:
-            return put.reply
+        if flight.reply is not None:
+            return flight.reply
         try:
-            result = put.storing.finish()
+            result = fee_store.finish(flight.session, self._table, flight.fees, self._process, flight.pending)
         except DatabaseError as exc:
             self._database_down(exc)
-            return self._spooled(put.fees)
+            flight.reply = self._spooled(flight.fees)
+            return flight.reply
         self._stored(result)
-        self._count("stored", len(put.fees))
+        self._count("stored", len(flight.fees))
+        flight.reply = TRUE
         return TRUE
 
     def _spooled(self, fees: Sequence[Fee]) -> bytes:

@@ -9,14 +9,13 @@ per value.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 from edm.db import Pending, Transactions
-from edm.errors import DatabaseError, DatabaseUnavailable
+from edm.errors import DuplicateKey
 from edm.plugins.fee.parse import Fee
 
 # Rows per statement: well under sqlite's bound-parameter limit and MySQL's packet size.
@@ -72,61 +71,56 @@ def store(db: Transactions, table: str, fees: Sequence[Fee], process: Process | 
     row, the first values stay. Raises DatabaseError (nothing committed) on any failure.
     Without a processing step (``process`` None) a batch of new tickets is one round trip.
     """
-    return Storing(db, table, fees, process).finish()
+    return finish(db, table, fees, process, send(db, table, fees, process))
 
 
-class Storing:
-    """``store()`` in two halves: the batch's one-round-trip transaction is sent when this is
-    built (no processing step, see ``Transactions.send_atomic``), and ``finish()`` learns
-    its outcome and returns what ``store()`` does. ``fileno()`` is what to wait on before
-    ``finish()``: -1 when it does not wait (or does everything itself, with a processing step).
-    """
+def send(db: Transactions, table: str, fees: Sequence[Fee], process: Process | None) -> Pending | None:
+    """``store()``'s first half. Without a processing step the batch's one-round-trip
+    transaction is sent (``Transactions.send_atomic``), assuming no ticket is a repeat (the
+    common case; only a batch with a repeat pays for the look-up in ``finish()``); with one,
+    nothing is sent and ``finish()`` does it all."""
+    if process is not None:
+        return None
+    unique = list(_first_of_each(fees).values())
+    return db.send_atomic(
+        [*_insert_statements(db, table, unique, "INSERT"), *_finish_statements(db, table, unique)]
+    )
 
-    def __init__(self, db: Transactions, table: str, fees: Sequence[Fee], process: Process | None) -> None:
-        self._db, self._table, self._fees, self._process = db, table, fees, process
-        self._kept: dict[int, Fee] = {}  # ticket -> the values the table keeps
-        for fee in fees:
-            self._kept.setdefault(fee.ticket, fee)
-        self._unique = list(self._kept.values())
-        # The common case has no repeats: insert straight away. Only a batch with a repeat
-        # pays for the look-up in finish().
-        self._pending: Pending | None = None
-        if process is None:
-            statements = [
-                *_insert_statements(db, table, self._unique, "INSERT"),
-                *_finish_statements(db, table, self._unique),
-            ]
-            self._pending = db.send_atomic(statements)
 
-    def fileno(self) -> int:
-        return -1 if self._pending is None else self._pending.fileno()
-
-    @property
-    def deadline(self) -> float:
-        """When ``finish()`` stops waiting for the database's answer (time.monotonic())."""
-        return math.inf if self._pending is None else self._pending.deadline
-
-    def finish(self) -> Stored:
-        db, table, kept, unique, process = self._db, self._table, self._kept, self._unique, self._process
-        try:
-            if self._pending is not None:
-                _finish_at_once(self._pending)
-            else:
-                with db.transaction() as cur:
-                    if _insert(db, cur, table, unique) != len(unique):  # a repeat is not counted
-                        raise _Repeats
-                    _finish(db, cur, table, unique, process)
-        except _Repeats:
-            pass
+def finish(
+    db: Transactions, table: str, fees: Sequence[Fee], process: Process | None, pending: Pending | None
+) -> Stored:
+    """``store()``'s second half: the outcome of what ``send()`` sent (``pending``), or the
+    whole transaction when it sent nothing; returns what ``store()`` does."""
+    kept = _first_of_each(fees)  # ticket -> the values the table keeps
+    unique = list(kept.values())
+    try:
+        if pending is not None:
+            _finish_at_once(pending)
         else:
-            return _tally(self._fees, kept, len(unique))
-        with db.transaction() as cur:
-            kept.update(_existing(db, cur, table, list(kept)))
-            new = [fee for fee in unique if kept[fee.ticket] is fee]
-            if new:
-                _insert(db, cur, table, new)
-                _finish(db, cur, table, new, process)
-        return _tally(self._fees, kept, len(new))
+            with db.transaction() as cur:
+                if _insert(db, cur, table, unique) != len(unique):  # a repeat is not counted
+                    raise _Repeats
+                _finish(db, cur, table, unique, process)
+    except _Repeats:
+        pass
+    else:
+        return _tally(fees, kept, len(unique))
+    with db.transaction() as cur:
+        kept.update(_existing(db, cur, table, list(kept)))
+        new = [fee for fee in unique if kept[fee.ticket] is fee]
+        if new:
+            _insert(db, cur, table, new)
+            _finish(db, cur, table, new, process)
+    return _tally(fees, kept, len(new))
+
+
+def _first_of_each(fees: Sequence[Fee]) -> dict[int, Fee]:
+    """Each ticket's first fee, in the order of the batch."""
+    first: dict[int, Fee] = {}
+    for fee in fees:
+        first.setdefault(fee.ticket, fee)
+    return first
 
 
 def _tally(fees: Sequence[Fee], kept: dict[int, Fee], inserted: int) -> Stored:
@@ -149,14 +143,14 @@ def _finish_at_once(pending: Pending) -> None:
     """The outcome of the insert, mark-Y and commit sent in one round trip; _Repeats when a
     ticket is already there.
 
-    The INSERT has no IGNORE: a ticket the table holds fails it, which stops the packet
-    before the COMMIT. Any other failure is met again, and raised, on the careful path.
+    The INSERT has no IGNORE: a ticket the table holds fails it with a duplicate key (MySQL's
+    error 1062, sqlite's UNIQUE constraint), which stops the packet before the COMMIT. Any
+    other failure is raised as it is: it is no repeat, and the careful path would only meet
+    it again.
     """
     try:
         pending.finish()
-    except DatabaseUnavailable:
-        raise
-    except DatabaseError:
+    except DuplicateKey:
         raise _Repeats from None
 
 
