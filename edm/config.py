@@ -28,7 +28,8 @@ from edm.config_fields import path as _path
 from edm.config_fields import readable_file as _readable_file
 from edm.config_fields import reject_unknown as _reject_unknown
 from edm.config_fields import string as _str
-from edm.errors import ConfigError
+from edm.dburl import parse_url
+from edm.errors import ConfigError, DatabaseError
 from edm.handlers.api import BUILT_IN_HANDLERS
 from edm.plugins import PluginsConfig
 from edm.plugins import parse as parse_plugins
@@ -464,9 +465,6 @@ _NO_PASSWORD = "".__str__  # an encrypted key fails instead of OpenSSL asking on
 
 def check_database_url(url: str, key: str = "database.url") -> str:
     """Accept mysql://user:pass@host[:port]/db and sqlite:///path; never echo the password."""
-    from edm.db import parse_url  # edm.db imports this module
-    from edm.errors import DatabaseError
-
     try:
         parse_url(url)
     except DatabaseError as exc:

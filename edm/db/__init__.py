@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from edm.db.backends import TlsRefused, require_tls, tls_context
 from edm.db.pool import Database, Pending, Session, Transactions
-from edm.db.url import DatabaseUrl, Dialect, parse_url
+from edm.dburl import DatabaseUrl, Dialect, parse_url
 
 __all__ = [
     "Database",

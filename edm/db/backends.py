@@ -26,7 +26,7 @@ from dbutils.pooled_db import PooledDB
 from pymysql.constants import CLIENT, ER
 
 from edm.db import _pymysql_private as private
-from edm.db.url import DatabaseUrl
+from edm.dburl import DatabaseUrl
 
 if TYPE_CHECKING:
     from edm.config import DatabaseTls

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from edm.db import _pymysql_private as private
 from edm.db.backends import Backend, MysqlBackend, SqliteBackend
 from edm.db.deadline import readable, until
-from edm.db.url import DatabaseUrl, Dialect, parse_url
+from edm.dburl import DatabaseUrl, Dialect, parse_url
 from edm.errors import DatabaseError, DatabaseUnavailable, DuplicateKey
 from edm.redact import mask_text, mask_url
 

@@ -1,4 +1,7 @@
-"""``database.url``: mysql:// or sqlite:/// split into its parts; the password never shown."""
+"""``database.url``: mysql:// or sqlite:/// split into its parts; the password never shown.
+
+Apart from the database package so that the config can check a URL without loading a driver.
+"""
 
 from __future__ import annotations
 
