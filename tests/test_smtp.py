@@ -19,6 +19,8 @@ from urllib.parse import quote
 import pika
 import pytest
 import trustme
+from conftest import free_port
+from smtpserver import SmtpServer
 
 from edm.config import SMTP_OPTION, SmtpConfig
 from edm.errors import ConfigError
@@ -26,8 +28,6 @@ from edm.handlers.api import Message, Reject, Retry
 from edm.handlers.log import MessageLog, use
 from edm.handlers.smtp import RejectCopy, RetryCopy, SmtpHandler
 from edm.logs import DailyLog
-from tests.conftest import free_port
-from tests.smtpserver import SmtpServer
 
 JOB = {
     "to": ["Zoë Ünder <zoe@example.com>"],

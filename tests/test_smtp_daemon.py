@@ -7,9 +7,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-
-from tests.conftest import EdmEnv, free_port, wait_for
-from tests.smtpserver import SmtpServer
+from conftest import EdmEnv, free_port, wait_for
+from smtpserver import SmtpServer
 
 
 @pytest.fixture
