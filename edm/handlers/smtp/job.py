@@ -105,7 +105,7 @@ def parse(body: bytes, message_id: str | None, max_size: int) -> Job:
         raise InvalidJob("body", "must be a JSON object")
     unknown = sorted(set(raw) - FIELDS)
     if unknown:
-        raise InvalidJob(str(unknown[0])[:100], f"unknown field (expected: {', '.join(sorted(FIELDS))})")
+        raise InvalidJob(_name(unknown[0]), f"unknown field (expected: {', '.join(sorted(FIELDS))})")
     if raw.get("to") in (None, "", []):
         raise InvalidJob("to", "missing (an address or a list of them)")
     key = _optional_text(raw, "id", 200)
@@ -220,7 +220,7 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
         raise InvalidJob("headers", "must be an object of header names to strings")
     headers = []
     for name, text in value.items():
-        where = f"headers.{str(name)[:80]}"
+        where = f"headers.{_name(name)}"
         if not _HEADER_NAME.fullmatch(name):
             raise InvalidJob(where, "not a header name (printable ASCII, no ':' or blank)")
         if name.lower() in OWN_HEADERS:
@@ -246,6 +246,11 @@ def _unsubscribe(value: Any) -> tuple[str, ...]:
         if not _UNSUBSCRIBE.fullmatch(one) or "<" in one or ">" in one or len(one) > 800:
             raise InvalidJob("unsubscribe", f"{one[:100]!r} is not an http(s) URL or a mailto: address")
     return tuple(values)
+
+
+def _name(name: str) -> str:
+    """A name from the job as it may stand in a reason: as it is, or quoted when odd."""
+    return name if name.isascii() and name.isprintable() and len(name) <= 80 else repr(name[:80])
 
 
 def _short(exc: BaseException) -> str:
