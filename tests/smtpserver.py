@@ -3,7 +3,8 @@
 ``replies["c@example.com"] = ["550 5.1.1 no such user"]`` answers that recipient's next RCPT
 with it (then 250 again once the list is used up); ``data_replies`` does the same for the end
 of DATA, where ``"DROP"`` closes the connection instead of answering. ``delay`` holds every
-reply to the end of DATA that long. What the server accepted is in ``received``.
+reply to the end of DATA that long, and ``on_data`` is called before that reply goes out.
+What the server accepted is in ``received``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -44,6 +46,7 @@ class Script:
     rcpt_seen: list[str] = field(default_factory=list)
     sessions: int = 0
     logins: list[tuple[str, str]] = field(default_factory=list)
+    on_data: Callable[[], None] | None = None  # called before the reply to DATA (it may block)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_EHLO(
@@ -76,6 +79,8 @@ class Script:
         if reply.startswith("2"):
             with self.lock:
                 self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        if self.on_data is not None:
+            self.on_data()
         return reply
 
     def message_ids(self) -> list[str]:

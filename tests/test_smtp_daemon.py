@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import EdmEnv, free_port, wait_for
+from conftest import AMQP_URL, EdmEnv, alive, free_port, wait_for
+from netutil import TcpProxy
 from smtpserver import SmtpServer
 
 
@@ -107,3 +110,37 @@ def test_a_reload_reads_changed_templates(smtp_env: EdmEnv, server: SmtpServer) 
     wait_for(lambda: len(server.script.received) == 2, timeout=20)
     texts = [r.message.get_content().replace("\r\n", "\n") for r in server.script.received]
     assert texts == ["first A\n", "second version B\n"]
+
+
+def test_a_kill_after_the_servers_250_before_the_ack_sends_nothing_twice(
+    make_env: Callable[..., EdmEnv], server: SmtpServer
+) -> None:
+    """The broker link is stalled while the server answers 250: the journal is committed and
+    the log written, but the ack cannot reach the broker. The consumer is then killed -9; the
+    broker gives the message to its successor, which acks it without sending."""
+    proxy = TcpProxy(("127.0.0.1", 5672))
+    try:
+        env = make_env(
+            {
+                "amqp": {"handler": "smtp", "url": AMQP_URL.replace(":5672/", f":{proxy.port}/")},
+                "smtp": {"url": f"smtp://127.0.0.1:{server.port}", "journal": "../run/smtp.journal"},
+            }
+        )
+        env.start()
+        server.script.on_data = proxy.stall
+        env.publish([job(id="kill-after-250")])  # published straight to the broker, not through the proxy
+        wait_for(lambda: "INFO Sent <" in env.log_text(), timeout=20)
+        worker = env.worker_pid()
+        assert worker is not None
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: not alive(worker))
+        server.script.on_data = None
+        proxy.cut()  # the broker sees the connection go: the unacked message goes back to the queue
+        proxy.resume()
+        proxy.restore()
+        wait_for(lambda: "Already sent <" in env.log_text(), timeout=30)
+        wait_for(lambda: env.queue_depth() == 0)
+        assert len(server.script.received) == 1
+        assert "[redelivered] (+) " in env.message_lines()[-1]
+    finally:
+        proxy.close()
