@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -144,3 +145,21 @@ def test_a_kill_after_the_servers_250_before_the_ack_sends_nothing_twice(
         assert "[redelivered] (+) " in env.message_lines()[-1]
     finally:
         proxy.close()
+
+
+def test_500_jobs_and_three_kills_send_each_message_once_but_one_per_kill(
+    smtp_env: EdmEnv, server: SmtpServer
+) -> None:
+    smtp_env.publish([job(id=f"bulk-{n}") for n in range(500)])
+    smtp_env.start()
+    for threshold in sorted(random.sample(range(50, 450), 3)):
+        wait_for(lambda t=threshold: len(server.script.received) >= t, timeout=60)
+        worker = smtp_env.worker_pid()
+        assert worker is not None
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda w=worker: smtp_env.worker_pid() not in (None, w), timeout=30)
+    wait_for(
+        lambda: smtp_env.queue_depth() == 0 and len(set(server.script.message_ids())) == 500, timeout=120
+    )
+    ids = server.script.message_ids()
+    assert len(ids) - len(set(ids)) <= 3, sorted(i for i in set(ids) if ids.count(i) > 1)
