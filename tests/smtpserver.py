@@ -45,6 +45,7 @@ class Script:
     received: list[Received] = field(default_factory=list)
     rcpt_seen: list[str] = field(default_factory=list)
     sessions: int = 0
+    helos: list[str] = field(default_factory=list)
     logins: list[tuple[str, str]] = field(default_factory=list)
     on_data: Callable[[], None] | None = None  # called before the reply to DATA (it may block)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -55,6 +56,7 @@ class Script:
         session.host_name = hostname
         with self.lock:
             self.sessions += 1
+            self.helos.append(hostname)
         return responses
 
     async def handle_RCPT(

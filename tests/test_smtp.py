@@ -192,7 +192,7 @@ def test_the_session_is_kept_between_jobs_and_opened_again_when_lost(
     handler = handlers(server)
     for n in range(3):
         handler(message(body(id=f"kept-{n}")))
-    assert server.script.sessions == 1
+    assert server.script.sessions == 1 and server.script.helos == ["edm.test"]  # smtp.helo
     server.stop()
     again = SmtpServer(server.port).start()
     try:

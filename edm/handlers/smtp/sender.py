@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import smtplib
+import socket
 import ssl
 import threading
 import time
@@ -77,11 +78,14 @@ class Session:
         self.context = tls_context(settings)
         self._smtp: smtplib.SMTP | None = None
         self._last_used = 0.0
+        self._helo = settings.helo  # looked up once (smtplib would ask the resolver at every connect)
 
     # -- the session ---------------------------------------------------------------------------
 
     def _open(self) -> smtplib.SMTP:
         s = self.settings
+        if self._helo is None:
+            self._helo = socket.getfqdn()
         if not s.verify:
             with _warned_lock:
                 first = s.url not in _warned_unverified
@@ -91,10 +95,10 @@ class Session:
         try:
             if self.smtps:
                 smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-                    self.host, self.port, local_hostname=s.helo, timeout=s.timeout, context=self.context
+                    self.host, self.port, local_hostname=self._helo, timeout=s.timeout, context=self.context
                 )
             else:
-                smtp = smtplib.SMTP(self.host, self.port, local_hostname=s.helo, timeout=s.timeout)
+                smtp = smtplib.SMTP(self.host, self.port, local_hostname=self._helo, timeout=s.timeout)
         except ssl.SSLCertVerificationError as exc:
             raise Temporary(f"TLS to {self.where}: certificate not trusted: {exc.verify_message}") from None
         except (smtplib.SMTPException, OSError) as exc:
