@@ -7,6 +7,7 @@ parser accepts what SMTP servers refuse (no dot-atom rules, no length limits, no
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -18,6 +19,7 @@ from typing import Any
 from email_validator import EmailNotValidError, validate_email
 
 MAX_RECIPIENTS = 1000
+MAX_NAME = 100  # a display name, encoded as one word, stays well within a header line
 MAX_HEADER_VALUE = 900  # a header line stays under SMTP's 998 with its name
 # Headers edm writes itself from the job's fields; a job sets them through those fields.
 OWN_HEADERS = frozenset(
@@ -160,18 +162,30 @@ def address(value: str, where: str) -> Address:
         raise InvalidJob(where, "CR, LF or NUL in an address")
     match = _NAME_ADDR.fullmatch(value)
     name, spec = (match.group(1), match.group(2)) if match else ("", value.strip())
-    if len(name) > 200:
-        raise InvalidJob(where, "display name longer than 200 characters")
-    name = name[1:-1] if len(name) >= 2 and name[0] == name[-1] == '"' else name
-    try:
-        checked = validate_email(spec, check_deliverability=False, allow_smtputf8=False)
-    except EmailNotValidError as exc:
-        raise InvalidJob(where, f"{spec[:100]!r} is not a valid address: {exc}") from None
-    local, _, domain = checked.ascii_email.rpartition("@") if checked.ascii_email else ("", "", "")
+    if len(name) > MAX_NAME:
+        raise InvalidJob(where, f"display name longer than {MAX_NAME} characters")
+    if any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise InvalidJob(where, "control characters in the display name")
+    name = " ".join((name[1:-1] if len(name) >= 2 and name[0] == name[-1] == '"' else name).split())
+    checked = _checked(spec)
+    if isinstance(checked, EmailNotValidError):
+        raise InvalidJob(where, f"{spec[:100]!r} is not a valid address: {checked}")
+    local, _, domain = checked.rpartition("@")
     try:
         return Address(display_name=name, username=local, domain=domain)
     except (ValueError, TypeError) as exc:
         raise InvalidJob(where, f"{value[:100]!r}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked(spec: str) -> str | EmailNotValidError:
+    """The address with its domain in ASCII, or why it is not one (a job's sender and its
+    regular recipients come again and again: the check is the costliest part of a job)."""
+    try:
+        checked = validate_email(spec, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        return exc
+    return checked.ascii_email or EmailNotValidError("no ASCII form")
 
 
 def _addresses(raw: Mapping[str, Any], key: str) -> tuple[Address, ...]:

@@ -215,7 +215,8 @@ class Session:
         self, smtp: smtplib.SMTP, step: _Step, sender: str, recipients: list[str], data: bytes
     ) -> Delivery:
         delivery = Delivery()
-        code, text = smtp.mail(sender)
+        # docmd, not mail() and rcpt(): those parse each address again (edm checked them)
+        code, text = smtp.docmd("mail", f"FROM:<{sender}>")
         if code == 421 or code < 0:
             raise _Lost(f"MAIL FROM at {self.where}: {reply_text(code, text)}")
         if code >= 400:
@@ -224,7 +225,7 @@ class Session:
             raise kind(f"MAIL FROM:<{sender}>: {reply_text(code, text)}")
         step.name = "RCPT TO"
         for rcpt in recipients:
-            code, text = smtp.rcpt(rcpt)
+            code, text = smtp.docmd("rcpt", f"TO:<{rcpt}>")
             if code == 421 or code < 0:
                 raise _Lost(f"RCPT TO at {self.where}: {reply_text(code, text)}", started=True)
             if code in (250, 251):
