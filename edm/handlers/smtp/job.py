@@ -1,8 +1,9 @@
 """An e-mail job: the JSON object of contract §13, checked field by field.
 
 Every problem is an ``InvalidJob`` naming the field, so that the dead letter says what to fix.
-Addresses are checked with email-validator (syntax only, never DNS): the standard library's
-parser accepts what SMTP servers refuse (no dot-atom rules, no length limits, no IDNA).
+Addresses are checked with email-validator (syntax only, never DNS; reserved names such as
+``localhost`` or ``.test`` are refused): the standard library's parser accepts what SMTP
+servers refuse (no dot-atom rules, no length limits, no IDNA).
 """
 
 from __future__ import annotations
