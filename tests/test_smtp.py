@@ -27,6 +27,7 @@ from edm.errors import ConfigError
 from edm.handlers.api import Message, Reject, Retry
 from edm.handlers.log import MessageLog, use
 from edm.handlers.smtp import RejectCopy, RetryCopy, SmtpHandler
+from edm.handlers.smtp.journal import Journal
 from edm.logs import DailyLog
 
 JOB = {
@@ -556,3 +557,20 @@ def test_rate_limits_the_messages_per_second_of_the_process(
         (first if n % 2 else second)(message(body(id=f"rate-{n}")))
     assert time.monotonic() - started >= 12 / 25 * 0.95 - 1 / 25  # a burst of one, then 25 per second
     assert len(server.script.received) == 13
+
+
+# -- the journal ----------------------------------------------------------------------------------
+
+
+def test_the_journal_forgets_message_ids_after_journal_days(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "smtp.journal", keep_days=2)
+    journal.record("<old@example.org>", ["a@example.com"])
+    journal.record("<new@example.org>", ["a@example.com", "b@example.com"])
+    three_days = time.time() - 3 * 86400
+    journal.db.execute("UPDATE sent SET sent_at = ? WHERE message_id = '<old@example.org>'", (three_days,))
+    journal.close()
+    again = Journal(tmp_path / "smtp.journal", keep_days=2)  # prunes when opened, then hourly
+    assert again.delivered("<old@example.org>") == set()
+    assert again.delivered("<new@example.org>") == {"a@example.com", "b@example.com"}
+    assert again.db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    again.close()
