@@ -47,6 +47,7 @@ class Script:
     sessions: int = 0
     helos: list[str] = field(default_factory=list)
     logins: list[tuple[str, str]] = field(default_factory=list)
+    pipelining: bool = False  # offer PIPELINING (RFC 2920): aiosmtpd reads commands in turn anyway
     on_data: Callable[[], None] | None = None  # called before the reply to DATA (it may block)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -57,6 +58,8 @@ class Script:
         with self.lock:
             self.sessions += 1
             self.helos.append(hostname)
+        if self.pipelining:
+            responses.insert(len(responses) - 1, "250-PIPELINING")
         return responses
 
     async def handle_RCPT(
@@ -117,8 +120,9 @@ class SmtpServer:
         implicit_tls: ssl.SSLContext | None = None,  # smtps: TLS at connect
         auth: tuple[str, str] | None = None,
         auth_exclude: list[str] | None = None,
+        pipelining: bool = False,
     ) -> None:
-        self.script = Script()
+        self.script = Script(pipelining=pipelining)
         kwargs: dict[str, Any] = {}
         if tls is not None:
             kwargs["tls_context"] = tls

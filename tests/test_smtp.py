@@ -57,12 +57,13 @@ def message_log(tmp_path: Path) -> Iterator[DailyLog]:
     use(None)
 
 
-@pytest.fixture
-def servers() -> Iterator[Callable[..., SmtpServer]]:
+@pytest.fixture(params=[False, True], ids=["one-by-one", "pipelining"])
+def servers(request: pytest.FixtureRequest) -> Iterator[Callable[..., SmtpServer]]:
+    """Every scripted test runs twice: commands one by one, and pipelined (RFC 2920)."""
     started: list[SmtpServer] = []
 
     def start(**kwargs: Any) -> SmtpServer:
-        server = SmtpServer(free_port(), **kwargs).start()
+        server = SmtpServer(free_port(), pipelining=request.param, **kwargs).start()
         started.append(server)
         return server
 
@@ -574,3 +575,12 @@ def test_the_journal_forgets_message_ids_after_journal_days(tmp_path: Path) -> N
     assert again.delivered("<new@example.org>") == {"a@example.com", "b@example.com"}
     assert again.db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     again.close()
+
+
+def test_lines_that_start_with_a_dot_arrive_as_written(
+    servers: Callable[..., SmtpServer], handlers: Callable[..., SmtpHandler]
+) -> None:
+    server = servers()
+    text = ".\n.leading dot\n..two dots\nend.\n"
+    handlers(server)(message(body(text=text)))
+    assert content(server.script.received[0].message) == text

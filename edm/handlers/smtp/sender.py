@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import smtplib
 import socket
 import ssl
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # A session unused for this long is checked with NOOP before a job: servers drop idle ones.
 IDLE_CHECK = 10.0
+
+_DOT = re.compile(rb"^\.", re.MULTILINE)  # a line starting with "." gets another (RFC 5321 4.5.2)
 
 _warned_lock = threading.Lock()
 _warned_unverified: set[str] = set()  # per process: the WARNING of verify: false comes once
@@ -214,34 +217,74 @@ class Session:
     def _transaction(
         self, smtp: smtplib.SMTP, step: _Step, sender: str, recipients: list[str], data: bytes
     ) -> Delivery:
+        if smtp.has_extn("pipelining"):
+            return self._pipelined(smtp, step, sender, recipients, data)
         delivery = Delivery()
         # docmd, not mail() and rcpt(): those parse each address again (edm checked them)
-        code, text = smtp.docmd("mail", f"FROM:<{sender}>")
+        self._mail(smtp, sender, smtp.docmd("mail", f"FROM:<{sender}>"))
+        step.name = "RCPT TO"
+        for rcpt in recipients:
+            self._rcpt(delivery, rcpt, smtp.docmd("rcpt", f"TO:<{rcpt}>"))
+        if not delivery.accepted:
+            self._reset(smtp)
+            return delivery
+        step.name = "DATA"
+        try:
+            reply = smtp.data(data)
+        except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
+            reply = exc.smtp_code, _bytes(exc.smtp_error)
+        return self._end(smtp, delivery, reply)
+
+    def _pipelined(
+        self, smtp: smtplib.SMTP, step: _Step, sender: str, recipients: list[str], data: bytes
+    ) -> Delivery:
+        """RFC 2920: MAIL, every RCPT and DATA in one write, then their replies in order."""
+        delivery = Delivery()
+        commands = [f"MAIL FROM:<{sender}>", *(f"RCPT TO:<{rcpt}>" for rcpt in recipients), "DATA"]
+        smtp.send("".join(f"{command}\r\n" for command in commands).encode("ascii"))
+        mail = smtp.getreply()
+        if mail[0] == 421 or mail[0] < 0:
+            self._mail(smtp, sender, mail)  # raises _Lost
+        step.name = "RCPT TO"
+        for rcpt in recipients:
+            self._rcpt(delivery, rcpt, smtp.getreply())
+        step.name = "DATA"
+        code, text = smtp.getreply()
+        if code == 354 and not (mail[0] == 250 and delivery.accepted):
+            smtp.send(b".\r\n")  # a server that took DATA with nobody to send to: end it empty
+            code, text = smtp.getreply()
+        self._mail(smtp, sender, mail)  # a refused MAIL FROM raises here, its replies all read
+        if not delivery.accepted:
+            self._reset(smtp)
+            return delivery
+        if code == 354:
+            smtp.send(_DOT.sub(b"..", data) + b".\r\n")  # the composer ends data with CRLF
+            code, text = smtp.getreply()
+        return self._end(smtp, delivery, (code, text))
+
+    def _mail(self, smtp: smtplib.SMTP, sender: str, reply: tuple[int, bytes]) -> None:
+        code, text = reply
         if code == 421 or code < 0:
             raise _Lost(f"MAIL FROM at {self.where}: {reply_text(code, text)}")
         if code >= 400:
             self._reset(smtp)
             kind = Permanent if code >= 500 else Temporary
             raise kind(f"MAIL FROM:<{sender}>: {reply_text(code, text)}")
-        step.name = "RCPT TO"
-        for rcpt in recipients:
-            code, text = smtp.docmd("rcpt", f"TO:<{rcpt}>")
-            if code == 421 or code < 0:
-                raise _Lost(f"RCPT TO at {self.where}: {reply_text(code, text)}", started=True)
-            if code in (250, 251):
-                delivery.accepted.append(rcpt)
-            elif code >= 500:
-                delivery.refused[rcpt] = reply_text(code, text)
-            else:
-                delivery.deferred[rcpt] = reply_text(code, text)
-        if not delivery.accepted:
-            self._reset(smtp)
-            return delivery
-        step.name = "DATA"
-        try:
-            code, text = smtp.data(data)
-        except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
-            code, text = exc.smtp_code, _bytes(exc.smtp_error)
+
+    def _rcpt(self, delivery: Delivery, rcpt: str, reply: tuple[int, bytes]) -> None:
+        code, text = reply
+        if code == 421 or code < 0:
+            raise _Lost(f"RCPT TO at {self.where}: {reply_text(code, text)}", started=True)
+        if code in (250, 251):
+            delivery.accepted.append(rcpt)
+        elif code >= 500:
+            delivery.refused[rcpt] = reply_text(code, text)
+        else:
+            delivery.deferred[rcpt] = reply_text(code, text)
+
+    def _end(self, smtp: smtplib.SMTP, delivery: Delivery, reply: tuple[int, bytes]) -> Delivery:
+        """The reply to the end of DATA: the delivery, or why not."""
+        code, text = reply
         if code == 421 or code < 0:
             raise _Lost(f"DATA at {self.where}: {reply_text(code, text)}", started=True)
         if code != 250:
