@@ -12,7 +12,7 @@ import os
 import pwd
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -128,6 +128,7 @@ class Config:
     database: DatabaseConfig
     plugins: PluginsConfig
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    smtp: SmtpConfig = field(default_factory=lambda: SmtpConfig())
 
 
 def find_config(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path:
@@ -190,7 +191,7 @@ def load(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
 def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] = os.environ) -> Config:
     """Validate an already parsed document; relative paths resolve against ``path``'s directory."""
     base = path.parent
-    sections = {"amqp", "log", "daemon", "database", "plugins", "metrics"}
+    sections = {"amqp", "log", "daemon", "database", "plugins", "metrics", "smtp"}
     _reject_unknown("", raw, sections)
     amqp = _parse_amqp(_section(raw, "amqp"), environ, base)
     log = _parse_log(_section(raw, "log"), base)
@@ -198,7 +199,8 @@ def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] = os.en
     database = _parse_database(_section(raw, "database"), environ, base)
     plugins = parse_plugins(_section(raw, "plugins"), base, database.url)
     metrics = _parse_metrics(_section(raw, "metrics"))
-    return Config(path, amqp, log, daemon, database, plugins, metrics)
+    smtp = _parse_smtp(_section(raw, "smtp"), base)
+    return Config(path, with_smtp(amqp, smtp), log, daemon, database, plugins, metrics, smtp)
 
 
 def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -550,3 +552,107 @@ def load_essentials(path: Path, environ: Mapping[str, str] = os.environ) -> Esse
         _str(log_section, "name", "log", LogConfig().name),
         problem,
     )
+
+
+# -- smtp: the settings of the smtp handler (contract §13) -------------------------------------
+
+SMTP_HANDLER = BUILT_IN_HANDLERS["smtp"]
+SMTP_OPTION = "smtp"  # the reserved key of amqp.handler_options that hands SmtpConfig to SmtpHandler
+STARTTLS_MODES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    url: str = "smtp://127.0.0.1:25"
+    starttls: str = "auto"
+    verify: bool = True
+    ca_file: Path | None = None
+    timeout: float = 30.0
+    sender: str | None = None  # the key ``from``
+    helo: str | None = None
+    rate: float = 0.0
+    templates: Path | None = None
+    journal: Path = Path("run/smtp.journal")
+    journal_days: int = 7
+    max_size: int = 10485760
+    # What the templates directory held when the file was read (name, mtime, size): a reload
+    # after a template changed compares unequal, so the handler is rebuilt and reads it again.
+    templates_seen: tuple[tuple[str, int, int], ...] = ()
+
+
+def with_smtp(amqp: AmqpConfig, smtp: SmtpConfig) -> AmqpConfig:
+    """The smtp handler gets its section in its options (the worker builds handlers from those)."""
+    if BUILT_IN_HANDLERS.get(amqp.handler, amqp.handler) != SMTP_HANDLER:
+        return amqp
+    if SMTP_OPTION in amqp.handler_options:
+        raise ConfigError(
+            "amqp.handler_options.smtp: reserved; the smtp handler's settings are the smtp section"
+        )
+    return replace(amqp, handler_options={**amqp.handler_options, SMTP_OPTION: smtp})
+
+
+def _parse_smtp(raw: Mapping[str, Any], base: Path) -> SmtpConfig:
+    known = {"from" if f.name == "sender" else f.name for f in fields(SmtpConfig)} - {"templates_seen"}
+    _reject_unknown("smtp.", raw, known)
+    d = SmtpConfig()
+    url = _str(raw, "url", "smtp", d.url, 2000)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"smtp.url: invalid URL {mask_url(url)}") from None
+    if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+        raise ConfigError(f"smtp.url: {mask_url(url)} must be smtp://host[:port] or smtps://host[:port]")
+    if port == 0 or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"smtp.url: {mask_url(url)}: only a user, a password, a host and a port")
+    if parts.password is not None and not parts.username:
+        raise ConfigError(f"smtp.url: {mask_url(url)} has a password but no user")
+    starttls = raw.get("starttls", d.starttls)
+    if starttls not in STARTTLS_MODES:
+        raise ConfigError(f"smtp.starttls: must be one of {', '.join(STARTTLS_MODES)}")
+    if parts.scheme == "smtps" and starttls == "always":
+        raise ConfigError("smtp.starttls: always is for smtp:// URLs; smtps:// is TLS from the start")
+    ca_file = _readable_file(raw, "ca_file", "smtp", base)
+    if ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=str(ca_file))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"smtp.ca_file: {ca_file}: not a PEM CA certificate ({exc})") from None
+    timeout = _number(raw, "timeout", "smtp", d.timeout, 0.001)
+    sender = _optional_str(raw, "from", "smtp")
+    if sender is not None and ("@" not in sender or "\r" in sender or "\n" in sender):
+        raise ConfigError("smtp.from: must be an e-mail address (name@domain or Name <name@domain>)")
+    helo = _optional_str(raw, "helo", "smtp")
+    if helo is not None and (not helo.isascii() or any(c.isspace() for c in helo)):
+        raise ConfigError("smtp.helo: must be a host name (ASCII, no blanks)")
+    templates = None if raw.get("templates") is None else _path(raw, "templates", "smtp", "", base)
+    if templates is not None and not templates.is_dir():
+        raise ConfigError(f"smtp.templates: {templates}: no such directory")
+    return SmtpConfig(
+        url=url,
+        starttls=starttls,
+        verify=_bool(raw, "verify", "smtp", d.verify),
+        ca_file=ca_file,
+        timeout=timeout,
+        sender=sender,
+        helo=helo,
+        rate=_number(raw, "rate", "smtp", d.rate, 0.0),
+        templates=templates,
+        journal=_path(raw, "journal", "smtp", "../run/smtp.journal", base),
+        journal_days=_int(raw, "journal_days", "smtp", d.journal_days, 1),
+        max_size=_int(raw, "max_size", "smtp", d.max_size, 1),
+        templates_seen=() if templates is None else _templates_seen(templates),
+    )
+
+
+def _templates_seen(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    seen = []
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            path = Path(root, name)
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            seen.append((str(path.relative_to(directory)), st.st_mtime_ns, st.st_size))
+    return tuple(sorted(seen))

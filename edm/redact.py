@@ -145,9 +145,10 @@ class SecretSettings(Protocol):
 
 
 def secrets_of(config: SecretSettings) -> tuple[str, ...]:
-    """Every password of a config: the broker URLs' and the database URL's."""
-    # A section with a password of its own (smtp.url) adds its URL here.
-    return url_secrets([*config.amqp.url, config.database.url])
+    """Every password of a config: the broker URLs', the database URL's and smtp.url's."""
+    # A section with a password of its own adds its URL here.
+    smtp = getattr(config, "smtp", None)
+    return url_secrets([*config.amqp.url, config.database.url, getattr(smtp, "url", None)])
 
 
 class _ErrorText:
