@@ -55,6 +55,7 @@ class AmqpConfig:
     handler: str = "edm.handlers:log_message"  # or a built-in name: log (the same), smtp
     handler_options: Mapping[str, Any] = field(default_factory=dict)
     max_retries: int = 3
+    retry_delays: tuple[float, ...] = (10.0, 60.0, 300.0)  # seconds; the n-th retry waits [min(n, len) - 1]
     tls: AmqpTlsConfig = field(default_factory=AmqpTlsConfig)
 
 
@@ -340,8 +341,23 @@ def _parse_amqp(raw: Mapping[str, Any], environ: Mapping[str, str], base: Path) 
         handler=handler,
         handler_options=dict(options),
         max_retries=_int(raw, "max_retries", "amqp", d.max_retries, 0),
+        retry_delays=_retry_delays(raw.get("retry_delays", list(d.retry_delays))),
         tls=_parse_amqp_tls(raw.get("tls"), base),
     )
+
+
+def _retry_delays(value: Any) -> tuple[float, ...]:
+    """``amqp.retry_delays``: a non-empty list of seconds, each a finite number > 0."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError("amqp.retry_delays: must be a non-empty list of seconds, e.g. [10, 60, 300]")
+    delays = []
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not 0 < item < float("inf"):
+            raise ConfigError(f"amqp.retry_delays[{i}]: must be a number of seconds > 0, not {item!r}")
+        if item * 1000 < 1:
+            raise ConfigError(f"amqp.retry_delays[{i}]: must be at least 0.001 (one millisecond)")
+        delays.append(float(item))
+    return tuple(delays)
 
 
 def _parse_amqp_tls(raw: Any, base: Path) -> AmqpTlsConfig:
