@@ -434,6 +434,7 @@ def test_a_stop_waits_for_the_confirm_of_a_dead_letter() -> None:
     assert rig.states[-1] == "draining" and rig.connection.is_open  # the confirm is owed
     channel.confirm(1)
     assert channel.acks == [3] and rig.consumer.dead == 1
+    assert rig.consumer.snapshot()["rejected"] == 1
     assert rig.states[-1] == "stopped"
 
 

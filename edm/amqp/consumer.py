@@ -171,6 +171,7 @@ class Consumer:
             "handled": self.handled,
             "dead_lettered": self._tally.dead,
             "retried": self._tally.retried,
+            "rejected": self._tally.rejected,  # of dead_lettered: by a Reject, not out of retries
             "latency": self.latency.report(),
             "connected": self._link.open,
             "queue": self.amqp.queue,

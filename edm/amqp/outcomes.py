@@ -51,6 +51,7 @@ class Outcome:
     attempts: int = 1
     delay: float = 0.0  # seconds, for a retry
     failure: LogWriteError | None = None
+    rejected: bool = False  # dead because the handler raised Reject (not out of retries)
 
 
 OK = Outcome(Kind.ACK)
@@ -60,8 +61,9 @@ OK = Outcome(Kind.ACK)
 class Tally:
     """What the settlers did, kept across channels for the status report."""
 
-    dead: int = 0
+    dead: int = 0  # every dead letter, rejected ones included
     retried: int = 0
+    rejected: int = 0  # the dead letters of a Reject
 
 
 def pick_delay(delays: tuple[float, ...], attempts: int, asked: float | None) -> float:
@@ -83,7 +85,7 @@ def judge(message: Message, exc: BaseException, amqp: AmqpConfig) -> Outcome:
         return Outcome(Kind.HELD, error=str(exc), failure=exc)
     attempts = message.attempts
     if isinstance(exc, Reject):
-        return Outcome(Kind.DEAD, error=f"Reject: {exc.reason}", attempts=attempts)
+        return Outcome(Kind.DEAD, error=f"Reject: {exc.reason}", attempts=attempts, rejected=True)
     asked = None
     if isinstance(exc, Retry):
         error = f"Retry: {exc.reason}" if exc.reason else "Retry"
@@ -233,6 +235,7 @@ class Settler:
             )
         elif outcome.kind is Kind.DEAD:
             self.tally.dead += 1
+            self.tally.rejected += outcome.rejected
             log.error(
                 "Dead-lettered a message to %s.dead after %d attempts: %s",
                 queue,
