@@ -71,6 +71,7 @@ class FakeChannel:
         self.on_close: list[Callable[[Any, BaseException], None]] = []
         self.on_message: Callable[..., None] | None = None
         self.on_confirm: Callable[[pika.frame.Method], None] | None = None
+        self.on_return: Callable[..., None] | None = None
         self.published: list[tuple[str, str, bytes, pika.BasicProperties]] = []
         self.acks: list[int] = []
         self.nacks: list[int] = []
@@ -111,8 +112,14 @@ class FakeChannel:
     def basic_cancel(self, _tag: str) -> None:
         self.cancelled = True
 
-    def basic_publish(self, exchange: str, routing_key: str, body: bytes, properties: Any) -> None:
+    def basic_publish(
+        self, exchange: str, routing_key: str, body: bytes, properties: Any, mandatory: bool
+    ) -> None:
+        assert mandatory  # an unroutable copy must come back, never vanish
         self.published.append((exchange, routing_key, body, properties))
+
+    def add_on_return_callback(self, callback: Callable[..., None]) -> None:
+        self.on_return = callback
 
     def basic_ack(self, tag: int) -> None:
         self.acks.append(tag)
@@ -133,6 +140,12 @@ class FakeChannel:
         assert self.on_message is not None
         method = pika.spec.Basic.Deliver("ctag", tag, False, "ex", "rk")
         self.on_message(self, method, pika.BasicProperties(headers=headers, message_id="m-1"), body)
+
+    def give_back(self, routing_key: str, body: bytes) -> None:
+        """basic.return: the broker could not route a mandatory publish."""
+        assert self.on_return is not None
+        method = pika.spec.Basic.Return(312, "NO_ROUTE", "", routing_key)
+        self.on_return(self, method, pika.BasicProperties(), body)
 
     def confirm(self, seq: int, ok: bool = True) -> None:
         assert self.on_confirm is not None
@@ -486,3 +499,27 @@ def test_a_log_that_cannot_be_written_holds_deliveries_off_until_a_probe_works()
     full[0] = False
     rig.loop.fire("_probe")
     assert not channel.cancelled and rig.states[-1] == "consuming"
+
+
+def test_a_copy_the_broker_cannot_route_leaves_its_original_in_the_queue(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def fail(message: Message) -> None:
+        raise ValueError("boom")
+
+    rig = Rig(fail, retry_delays=(1.0,))
+    channel = _open(rig)
+    channel.deliver(4, b"job")
+    rig.handle()
+    # When the delay queue was deleted behind edm's back: the copy comes back, then its confirm
+    with caplog.at_level(logging.ERROR):
+        channel.give_back("q.retry.1000", b"job")
+    channel.confirm(1)
+    # Then the original is not acked but requeued, and the helper queues are declared again
+    assert channel.acks == [] and channel.nacks == [4] and rig.consumer.retried == 0
+    assert "could not route a message to q.retry.1000 (NO_ROUTE)" in caplog.text
+    channel.deliver(5, b"job")
+    rig.handle()
+    assert len(rig.connection.channels) == 3  # a new helper channel declared them again
+    channel.confirm(2)
+    assert channel.acks == [5]

@@ -396,9 +396,11 @@ class Consumer:
                 if generation != self._generation:
                     continue  # from a closed channel: the broker redelivers it
                 self._in_hand = True
-            keeper.busy()
+            keeper.busy_since = time.monotonic()
             outcome = self._handle(message)
-            keeper.done()
+            keeper.busy_since = None
+            if keeper.active:
+                keeper.wake()  # end the keeper's poll now
             with self._io:
                 self._in_hand = False
                 self._on_done(generation, tag, message, outcome)

@@ -22,7 +22,8 @@ def slow_after(heartbeat: int) -> float:
 
 
 class Keeper:
-    """Call ``busy()`` before a handler runs and ``done()`` after it; ``start``/``stop`` the thread."""
+    """The main thread sets ``busy_since`` while a handler runs (and calls ``wake`` after it if
+    the keeper is ``active``); ``start``/``stop`` run the keeper's thread."""
 
     def __init__(
         self,
@@ -52,13 +53,9 @@ class Keeper:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def busy(self) -> None:
-        self.busy_since = self.clock()
-
-    def done(self) -> None:
-        self.busy_since = None
-        if self.active:
-            self.ioloop.add_callback_threadsafe(_noop)  # end the keeper's poll now
+    def wake(self) -> None:
+        """The handler returned: end the keeper's poll now, the loop is the main thread's again."""
+        self.ioloop.add_callback_threadsafe(_noop)
 
     def _run(self) -> None:
         tick = self.slow_after / 2

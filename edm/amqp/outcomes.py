@@ -145,6 +145,15 @@ class _Waiting:
 
 
 @dataclass
+class _Unconfirmed:
+    tag: int  # of the original delivery, acked on the confirm
+    outcome: Outcome
+    routing_key: str
+    body: bytes
+    returned: bool = False  # the broker could not route the copy: the original must stay
+
+
+@dataclass
 class Settler:
     """Carries out the outcomes other than a plain ack on one channel (one per channel)."""
 
@@ -155,7 +164,7 @@ class Settler:
     tally: Tally
     on_idle: Callable[[], None]  # called when the last confirm came back
     _seq: int = 0
-    _unconfirmed: dict[int, tuple[int, Outcome]] = field(default_factory=dict)
+    _unconfirmed: dict[int, _Unconfirmed] = field(default_factory=dict)
     _waiting: list[_Waiting] = field(default_factory=list)
 
     @property
@@ -164,6 +173,7 @@ class Settler:
 
     def start(self) -> None:
         self.channel.confirm_delivery(self._on_confirm)
+        self.channel.add_on_return_callback(self._on_return)
 
     def settle(self, tag: int, message: Message, outcome: Outcome) -> None:
         if outcome.kind is Kind.HELD:
@@ -202,9 +212,34 @@ class Settler:
         else:
             exchange, routing_key = "", a.queue
         properties = republished_properties(message, outcome, a.queue)
-        self.channel.basic_publish(exchange, routing_key, message.body, properties)
+        # mandatory: a helper queue deleted since it was declared must not swallow the copy
+        self.channel.basic_publish(exchange, routing_key, message.body, properties, mandatory=True)
         self._seq += 1
-        self._unconfirmed[self._seq] = (tag, outcome)
+        self._unconfirmed[self._seq] = _Unconfirmed(tag, outcome, routing_key, message.body)
+
+    def _on_return(
+        self,
+        _channel: pika.channel.Channel,
+        method: pika.spec.Basic.Return,
+        _properties: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        """A copy the broker could not route: its original goes back to the queue on the confirm.
+
+        A return carries no sequence number; it comes before its confirm, and any unconfirmed
+        copy with the same routing key and body is as good as another.
+        """
+        for entry in self._unconfirmed.values():
+            if not entry.returned and entry.routing_key == method.routing_key and entry.body == body:
+                entry.returned = True
+                break
+        log.error(
+            "The broker could not route a message to %s (%s); the message was requeued and the "
+            "helper queues are declared again.",
+            method.routing_key or method.exchange,
+            method.reply_text,
+        )
+        self.helpers.lost()
 
     def _on_confirm(self, frame: pika.frame.Method) -> None:
         method = frame.method
@@ -215,8 +250,12 @@ class Settler:
             seqs = [method.delivery_tag]
         for seq in seqs:
             entry = self._unconfirmed.pop(seq, None)
-            if entry is not None and self.channel.is_open:
-                self._confirmed(*entry) if acked else self._refused(entry[0])
+            if entry is None or not self.channel.is_open:
+                continue
+            if acked and not entry.returned:
+                self._confirmed(entry.tag, entry.outcome)
+            else:
+                self._refused(entry.tag, returned=entry.returned)
         if not self.busy:
             self.on_idle()
 
@@ -245,8 +284,10 @@ class Settler:
         else:
             self.helpers.report_back(outcome.attempts, outcome.error)
 
-    def _refused(self, tag: int) -> None:
+    def _refused(self, tag: int, returned: bool) -> None:
         self.channel.basic_nack(tag, requeue=True)
+        if returned:
+            return  # said at the return
         log.error(
             "The broker refused a republished message (a retry or a dead letter); the message was requeued."
         )

@@ -173,6 +173,10 @@ class Helpers:
         self.ready = False
         self.declaring = False
 
+    def lost(self) -> None:
+        """A helper queue went missing since it was declared: declare again when next needed."""
+        self.ready = False
+
     def may_try_now(self) -> bool:
         return self.clock() >= self._retry_at
 
