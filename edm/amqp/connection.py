@@ -131,11 +131,6 @@ class Link:
             self.ioloop.remove_timeout(self._timer)
             self._timer = None
 
-    @property
-    def idle(self) -> bool:
-        """Neither a connection nor an attempt in progress."""
-        return self.connection is None
-
     def _on_open(self, connection: FastLaneConnection) -> None:
         self.open = True
         log.info("Connected to %s.", mask_url(self.url))
