@@ -51,6 +51,7 @@ class AmqpConfig:
     routing_key: str = "email"
     durable: bool = True
     prefetch: int = 1
+    threads: int = 1  # handler threads in the consumer process; 1 keeps the inline path
     queue_arguments: Mapping[str, Any] = field(default_factory=dict)
     handler: str = "edm.handlers:log_message"  # or a built-in name: log (the same), smtp
     handler_options: Mapping[str, Any] = field(default_factory=dict)
@@ -337,6 +338,7 @@ def _parse_amqp(raw: Mapping[str, Any], environ: Mapping[str, str], base: Path) 
         routing_key=_str(raw, "routing_key", "amqp", d.routing_key),
         durable=_bool(raw, "durable", "amqp", d.durable),
         prefetch=_int(raw, "prefetch", "amqp", d.prefetch, 1),
+        threads=_int(raw, "threads", "amqp", d.threads, 1),
         queue_arguments=dict(qargs),
         handler=handler,
         handler_options=dict(options),

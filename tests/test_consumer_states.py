@@ -8,6 +8,8 @@ and fire timers. The integration tests against the real broker stay beside these
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +36,7 @@ class FakeLoop:
     def __init__(self) -> None:
         self.timers: list[tuple[float, Callable[[], None]]] = []
         self.wakeups = 0
+        self.callbacks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> object:
         entry = (delay, callback)
@@ -43,8 +46,14 @@ class FakeLoop:
     def remove_timeout(self, handle: object) -> None:
         self.timers.remove(handle)  # type: ignore[arg-type]
 
-    def add_callback_threadsafe(self, _callback: Callable[[], None]) -> None:
+    def add_callback_threadsafe(self, callback: Callable[[], None]) -> None:
         self.wakeups += 1
+        self.callbacks.put(callback)
+
+    def run_callbacks(self, count: int) -> None:
+        """Run ``count`` callbacks other threads added, waiting up to 5 s for each."""
+        for _ in range(count):
+            self.callbacks.get(timeout=5)()
 
     def fire(self, name: str) -> float:
         """Run the first timer whose callback is named ``name``; return its delay."""
@@ -77,6 +86,7 @@ class FakeChannel:
         self.nacks: list[int] = []
         self.cancelled = False
         self.declared: list[str] = []
+        self.prefetch = 0
 
     def add_on_close_callback(self, callback: Callable[[Any, BaseException], None]) -> None:
         self.on_close.append(callback)
@@ -102,6 +112,7 @@ class FakeChannel:
         self.on_confirm = callback
 
     def basic_qos(self, prefetch_count: int, callback: Callable[[Any], None]) -> None:
+        self.prefetch = prefetch_count
         callback(_frame(pika.spec.Basic.QosOk()))
 
     def basic_consume(self, _queue: str, on_message: Callable[..., None], auto_ack: bool) -> str:
@@ -523,3 +534,56 @@ def test_a_copy_the_broker_cannot_route_leaves_its_original_in_the_queue(
     assert len(rig.connection.channels) == 3  # a new helper channel declared them again
     channel.confirm(2)
     assert channel.acks == [5]
+
+
+def test_handler_threads_run_messages_side_by_side_and_ack_on_the_io_thread() -> None:
+    # Given four handler threads whose handler waits for the test
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+    threads_seen: set[str] = set()
+
+    def handler(message: Message) -> None:
+        threads_seen.add(threading.current_thread().name)
+        started.release()
+        assert gate.wait(5)
+        if message.body == b"bad":
+            raise ValueError("boom")
+
+    rig = Rig(handler, threads=4, prefetch=1, retry_delays=(1.0,))
+    channel = _open(rig)
+    pool = rig.consumer._pool
+    assert pool is not None
+    pool.start()
+    try:
+        # When four messages arrive
+        for tag, body in enumerate([b"a", b"b", b"bad", b"c"], start=1):
+            channel.deliver(tag, body)
+        rig.consumer._running = True
+        rig.consumer._dispatch()
+        # Then all four run at once, each in its own thread, nothing acked meanwhile
+        for _ in range(4):
+            assert started.acquire(timeout=5)
+        assert pool.busy == 4 and len(threads_seen) == 4
+        assert rig.consumer.snapshot()["busy"] == 4 and rig.consumer.snapshot()["threads"] == 4
+        assert rig.connection.sent_acks == []
+        gate.set()
+        rig.loop.run_callbacks(4)
+        # the good ones acked from the I/O thread, the bad one republished to its delay queue
+        assert sorted(rig.connection.sent_acks) == [1, 2, 4] and rig.consumer.handled == 3
+        [(_, routing_key, body, _)] = channel.published
+        assert (routing_key, body) == ("q.retry.1000", b"bad")
+        assert pool.in_hand == 0
+        # When stopped, it waits for the retry's confirm, then stops (the threads too)
+        rig.consumer.stop()
+        assert rig.states[-1] == "draining"
+        channel.confirm(1)
+        assert rig.states[-1] == "stopped"
+        assert not any(t.is_alive() for t in pool._threads)
+    finally:
+        gate.set()
+        pool.stop()
+
+
+def test_the_prefetch_is_at_least_the_number_of_threads() -> None:
+    assert _open(Rig(lambda m: None, threads=8, prefetch=2)).prefetch == 8
+    assert _open(Rig(lambda m: None, threads=2, prefetch=5)).prefetch == 5

@@ -9,7 +9,8 @@ keeper (``edm.amqp.keeper``) serves the loop while a handler is slow. The parts:
 - ``topology``: the main queue on the consuming channel, the helper queues (``.dead``, the
   delay queues) on a channel of their own;
 - ``outcomes``: what the handler's ending means, and the republish-confirm-ack it takes;
-- ``holdoff``: a log that cannot be written holds deliveries off until it can.
+- ``holdoff``: a log that cannot be written holds deliveries off until it can;
+- ``pool``: with ``amqp.threads`` > 1, handler threads instead of the inline call.
 
 A message is acked only after its handler returned, or once its retry or dead letter is
 confirmed. Every channel gets a generation number: a delivery from an older channel is never
@@ -38,6 +39,7 @@ from edm.amqp.ioloop import FlushingIOLoop
 from edm.amqp.keeper import Keeper, slow_after
 from edm.amqp.outcomes import OK, Outcome, Settler, Tally, judge
 from edm.amqp.params import describe, insecure_tls_warning
+from edm.amqp.pool import Pool
 from edm.amqp.topology import Helpers, MainDeclaration
 from edm.config import AmqpConfig
 from edm.errors import LogWriteError
@@ -69,8 +71,8 @@ class Consumer:
     ) -> None:
         self.amqp = amqp
         self.handlers = handlers
-        self.bound = handlers.build()  # raises ConfigError naming amqp.handler
-        self.handler = self.bound.call
+        self._bounds = build(handlers, amqp.threads)  # raises ConfigError naming amqp.handler
+        self.handler = self._bounds[0].call  # the inline path's (threads: 1)
         self.ioloop = ioloop or FlushingIOLoop()
         self._emit = emit
         self._link = Link(
@@ -85,7 +87,7 @@ class Consumer:
         self._state = State.STARTING
         self._shown = ""
         self._stopping = False
-        self._pending: tuple[AmqpConfig, HandlerFactory, Bound] | None = None
+        self._pending: tuple[AmqpConfig, HandlerFactory, list[Bound]] | None = None
         self._draining = False
         # The I/O loop belongs to whoever holds _io: the main thread, or the keeper while a
         # handler is slow. Deliveries wait in _deliveries for the main thread.
@@ -94,6 +96,7 @@ class Consumer:
         self._in_hand = False
         self._running = False
         self._keeper = Keeper(self.ioloop, self._io, slow_after(amqp.heartbeat))
+        self._pool = self._make_pool()
         self._hold = HoldOff(self.ioloop, amqp.retry_max, self._on_log_works, self._show)
         self.handled = 0
         self.latency = Latency()  # handler call durations, shipped with the status reports
@@ -123,6 +126,8 @@ class Consumer:
     def run(self) -> None:
         """Drive the I/O loop and handle deliveries until ``stop`` has finished."""
         self._keeper.start()
+        if self._pool is not None:
+            self._pool.start()
         self.ioloop.activate_poller()
         try:
             while self._running:
@@ -132,12 +137,17 @@ class Consumer:
                         self.ioloop.process_timeouts()
                         continue
                 # A delivery first: the broker waits for its ack, the timers can wait for it.
-                self._handle_deliveries()
+                if self._pool is None:
+                    self._handle_deliveries()
+                else:
+                    self._dispatch()
                 with self._io:
                     self.ioloop.process_timeouts()
         finally:
             self._running = False
             self._keeper.stop()
+            if self._pool is not None:
+                self._pool.stop()
             self.ioloop.deactivate_poller()
 
     def stop(self) -> None:
@@ -157,10 +167,10 @@ class Consumer:
         """
         if amqp == self.amqp and handlers == self.handlers:
             return
-        bound = handlers.build()
+        bounds = build(handlers, amqp.threads)
         if self._pending is not None:
-            self._pending[2].release()  # a reload that never applied: its handler goes
-        self._pending = (amqp, handlers, bound)
+            release(self._pending[2])  # a reload that never applied: its handlers go
+        self._pending = (amqp, handlers, bounds)
         log.info("Applying new AMQP settings (queue %s).", amqp.queue)
         self._drain()
 
@@ -173,6 +183,8 @@ class Consumer:
             "retried": self._tally.retried,
             "rejected": self._tally.rejected,  # of dead_lettered: by a Reject, not out of retries
             "latency": self.latency.report(),
+            "threads": self.amqp.threads,
+            "busy": self._pool.busy if self._pool is not None else int(self._keeper.busy_since is not None),
             "connected": self._link.open,
             "queue": self.amqp.queue,
             "queue_depth": self.queue_depth,
@@ -230,9 +242,9 @@ class Consumer:
                 log.warning("Lost the connection to %s: %s.", mask_url(self._link.url), describe(reason))
         if self._stopping:
             self._set_state(State.STOPPED)
-            self.bound.release()
+            self._release_handlers()
             if self._pending is not None:
-                self._pending[2].release()
+                release(self._pending[2])
             self._running = False
             self.ioloop.add_callback_threadsafe(_noop)
         elif self._pending is not None:
@@ -243,11 +255,14 @@ class Consumer:
 
     def _apply_pending(self) -> None:
         assert self._pending is not None
-        old = self.bound
-        self.amqp, self.handlers, self.bound = self._pending
-        self.handler = self.bound.call
+        self._release_handlers()
+        self.amqp, self.handlers, self._bounds = self._pending
+        self.handler = self._bounds[0].call
         self._pending = None
-        old.release()
+        self._pool = self._make_pool()
+        if self._pool is not None:
+            self._pool.start()
+        self._keeper.slow_after = slow_after(self.amqp.heartbeat)
         self._warn_insecure()
         self._draining = False
         self._link.restart(self.amqp)
@@ -264,11 +279,14 @@ class Consumer:
         connection.close_lane()
         if self._channel is not None and self._channel.is_open and self._consumer_tag:
             self._channel.basic_cancel(self._consumer_tag)
+        if self._pool is not None:
+            self._pool.take_back()  # not started: the channel's close gives them back
         self._close_if_idle()
 
     def _close_if_idle(self) -> None:
         connection = self._link.connection
         busy = self._in_hand or (self._settler is not None and self._settler.busy)
+        busy = busy or (self._pool is not None and self._pool.in_hand > 0)
         if not self._draining or busy or connection is None:
             return
         if connection.is_open:
@@ -292,7 +310,8 @@ class Consumer:
         self._on_depth(declared)
         assert self._channel is not None and self._settler is not None
         self._settler.start()
-        self._channel.basic_qos(prefetch_count=self.amqp.prefetch, callback=lambda _f: self._consume())
+        prefetch = max(self.amqp.prefetch, self.amqp.threads)  # a message for every thread
+        self._channel.basic_qos(prefetch_count=prefetch, callback=lambda _f: self._consume())
 
     def _consume(self) -> None:
         assert self._channel is not None
@@ -312,11 +331,12 @@ class Consumer:
         self._link.settled()
         a = self.amqp
         log.info(
-            "Consuming from queue %s (exchange %s, routing key %s, prefetch %d).",
+            "Consuming from queue %s (exchange %s, routing key %s, prefetch %d%s).",
             a.queue,
             a.exchange,
             a.routing_key,
-            a.prefetch,
+            max(a.prefetch, a.threads),
+            f", {a.threads} handler threads" if a.threads > 1 else "",
         )
         self._set_state(State.CONSUMING)
 
@@ -407,6 +427,40 @@ class Consumer:
                 if isinstance(self.ioloop, FlushingIOLoop):
                     self.ioloop.flush()  # the ack leaves now: the broker waits for it
 
+    def _dispatch(self) -> None:
+        """Hand each waiting delivery to the handler threads (``amqp.threads`` > 1)."""
+        assert self._pool is not None
+        deliveries = self._deliveries
+        with self._io:
+            while deliveries and not self._draining and self._running and not self._hold.failure:
+                job = deliveries.popleft()
+                if job[0] == self._generation:  # else from a closed channel: redelivered
+                    self._pool.submit(job)
+
+    def _on_thread_done(
+        self, generation: int, tag: int, message: Message, outcome: Outcome, seconds: float | None
+    ) -> None:
+        """A handler thread finished a message: on the I/O loop's thread, ack or settle it."""
+        assert self._pool is not None
+        self._pool.finished()
+        if seconds is not None:
+            self.latency.observe(seconds)
+        self._on_done(generation, tag, message, outcome)
+        if isinstance(self.ioloop, FlushingIOLoop):
+            self.ioloop.flush()
+
+    def _make_pool(self) -> Pool | None:
+        if self.amqp.threads == 1:
+            return None
+        return Pool(self._bounds, self.amqp, self.ioloop, self._on_thread_done)
+
+    def _release_handlers(self) -> None:
+        """Stop the handler threads (each closes its handler), or close the inline handler."""
+        if self._pool is not None:
+            self._pool.stop()
+        else:
+            release(self._bounds)
+
     def _handle(self, message: Message) -> Outcome:
         started = time.perf_counter()
         try:
@@ -453,8 +507,9 @@ class Consumer:
             channel.basic_cancel(self._consumer_tag)
             self._consumer_tag = None
             self._withheld = self._generation
-        while self._deliveries:
-            generation, tag, _message = self._deliveries.popleft()
+        waiting = [*self._deliveries, *(self._pool.take_back() if self._pool is not None else ())]
+        self._deliveries.clear()
+        for generation, tag, _message in waiting:
             if generation == self._generation and channel is not None and channel.is_open:
                 channel.basic_nack(tag, requeue=True)
         self._show()
@@ -467,6 +522,23 @@ class Consumer:
             self._consume()
         else:
             self._show()
+
+
+def build(handlers: HandlerFactory, threads: int) -> list[Bound]:
+    """One handler per thread; if one cannot be built, those built already are closed."""
+    bounds: list[Bound] = []
+    try:
+        for _ in range(threads):
+            bounds.append(handlers.build())
+    except BaseException:
+        release(bounds)
+        raise
+    return bounds
+
+
+def release(bounds: list[Bound]) -> None:
+    for bound in bounds:
+        bound.release()
 
 
 def _noop() -> None:
