@@ -284,10 +284,13 @@ class Consumer:
         self._close_if_idle()
 
     def _close_if_idle(self) -> None:
+        """While draining: close once no message is in hand and no republish is owed."""
+        if not self._draining:
+            return  # the common case, after every message: one test
         connection = self._link.connection
         busy = self._in_hand or (self._settler is not None and self._settler.busy)
         busy = busy or (self._pool is not None and self._pool.in_hand > 0)
-        if not self._draining or busy or connection is None:
+        if busy or connection is None:
             return
         if connection.is_open:
             connection.close()
