@@ -444,8 +444,6 @@ class Consumer:
         self, generation: int, tag: int, message: Message, outcome: Outcome, seconds: float | None
     ) -> None:
         """A handler thread finished a message: on the I/O loop's thread, ack or settle it."""
-        assert self._pool is not None
-        self._pool.finished()
         if seconds is not None:
             self.latency.observe(seconds)
         self._on_done(generation, tag, message, outcome)

@@ -81,9 +81,12 @@ class Pool:
         self.in_hand += 1
         self._jobs.put(job)
 
-    def finished(self) -> None:
-        """A message's ``done`` ran (on the I/O thread)."""
+    def _finish(
+        self, generation: int, tag: int, message: Message, outcome: Outcome, seconds: float | None
+    ) -> None:
+        """On the I/O thread: this pool's message is out of hand, even if a reload replaced the pool."""
         self.in_hand -= 1
+        self.done(generation, tag, message, outcome, seconds)
 
     def take_back(self) -> list[Job]:
         """The messages no thread has started: they are not in hand any more."""
@@ -125,7 +128,7 @@ class Pool:
                     with self._lock:
                         self._busy -= 1
                 self.ioloop.add_callback_threadsafe(
-                    partial(self.done, generation, tag, message, outcome, seconds)
+                    partial(self._finish, generation, tag, message, outcome, seconds)
                 )
         finally:
             bound.release()
