@@ -181,6 +181,8 @@ class FakeConnection:
         self.is_closed = False
         self.channels: list[FakeChannel] = []
         self.refuse: set[str] = set()
+        self.hold_channels = False  # channel opens wait for the test
+        self.held: list[Callable[[], None]] = []
         self.lane: Any = None
         self.sent_acks: list[int] = []
         self.blocked_callbacks: list[Callable[..., None]] = []
@@ -195,7 +197,10 @@ class FakeConnection:
     def channel(self, on_open_callback: Callable[[FakeChannel], None]) -> None:
         channel = FakeChannel(self, len(self.channels) + 1)
         self.channels.append(channel)
-        on_open_callback(channel)
+        if self.hold_channels:
+            self.held.append(lambda: on_open_callback(channel))
+        else:
+            on_open_callback(channel)
 
     def open_lane(self, lane: Any) -> None:
         self.lane = lane
@@ -587,3 +592,19 @@ def test_handler_threads_run_messages_side_by_side_and_ack_on_the_io_thread() ->
 def test_the_prefetch_is_at_least_the_number_of_threads() -> None:
     assert _open(Rig(lambda m: None, threads=8, prefetch=2)).prefetch == 8
     assert _open(Rig(lambda m: None, threads=2, prefetch=5)).prefetch == 5
+
+
+def test_the_first_consume_waits_for_the_helper_queues_but_not_for_long() -> None:
+    for helpers_answer in (True, False):
+        rig = Rig(lambda m: None)
+        rig.connection.hold_channels = True
+        rig.connection.opened()
+        rig.connection.held.pop(0)()  # the main channel opens: it asks for the helper channel,
+        # declares the main queue and sets the qos, then waits for the helper queues
+        [helpers_open] = rig.connection.held
+        assert rig.states[-1] == "connecting" and rig.connection.lane is None
+        if helpers_answer:
+            helpers_open()  # declared: consuming starts at once
+        else:
+            assert rig.loop.fire("_start_consuming") == 2.0  # they hang: consume anyway
+        assert rig.states[-1] == "consuming" and rig.connection.lane is not None

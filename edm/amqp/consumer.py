@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 Emit = Callable[[dict[str, Any]], None]
 
 DEPTH_INTERVAL = 5.0  # seconds between passive declares that read the queue's depth for status
+HELPERS_WAIT = 2.0  # seconds the first consume waits at most for the helper queues' declaration
 
 # (generation, delivery tag, message)
 _Delivery = tuple[int, int, Message]
@@ -104,6 +105,7 @@ class Consumer:
         self.queue_depth: int | None = None  # messages ready in the queue; None while unknown
         self._depth_asked = False
         self._withheld = -1  # the channel generation whose consume waits for the log to work
+        self._qos_set = -1  # the channel generation whose consume waits for the helper queues
 
     @property
     def dead(self) -> int:
@@ -306,15 +308,34 @@ class Consumer:
         self._settler = Settler(
             channel, self.amqp, self._helpers, self.ioloop, self._tally, self._close_if_idle
         )
-        MainDeclaration(channel, self.amqp, self._on_declared).start()
         self._helpers.declare()
+        MainDeclaration(channel, self.amqp, self._on_declared).start()
 
     def _on_declared(self, declared: pika.frame.Method) -> None:
         self._on_depth(declared)
         assert self._channel is not None and self._settler is not None
         self._settler.start()
         prefetch = max(self.amqp.prefetch, self.amqp.threads)  # a message for every thread
-        self._channel.basic_qos(prefetch_count=prefetch, callback=lambda _f: self._consume())
+        self._channel.basic_qos(prefetch_count=prefetch, callback=self._on_qos)
+
+    def _on_qos(self, _frame: pika.frame.Method) -> None:
+        """Consume once the helper queues are declared (or failed), but never wait long for them.
+
+        Their declarations answer at once on a healthy broker; consuming after them keeps their
+        replies from arriving among the first deliveries (which then take pika's slower path).
+        """
+        self._qos_set = self._generation
+        if self._helpers.declaring:
+            self.ioloop.call_later(HELPERS_WAIT, self._start_consuming)
+        else:
+            self._start_consuming()
+
+    def _start_consuming(self) -> None:
+        channel = self._channel
+        if self._qos_set != self._generation or channel is None or not channel.is_open:
+            return
+        self._qos_set = -1
+        self._consume()
 
     def _consume(self) -> None:
         assert self._channel is not None
@@ -361,6 +382,7 @@ class Consumer:
     def _on_helpers_done(self) -> None:
         if self._settler is not None:
             self._settler.flush()
+        self._start_consuming()
 
     # -- queue depth, for status ---------------------------------------------------------------
 
