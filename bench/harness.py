@@ -28,12 +28,15 @@ import yaml
 # `python bench/run.py` from anywhere uses this checkout's edm.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edm.amqp.topology import retry_queue
 from edm.cli.publish import publish_bodies
+from edm.config import AmqpConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MARK = b" (+) "
+RETRY_DELAYS = (*AmqpConfig().retry_delays, 1.0)  # the delay queues an edm daemon declares here
 
 
 class BenchError(Exception):
@@ -160,7 +163,7 @@ class Broker:
     def delete(self, name: str) -> None:
         connection, channel = self._channel()
         try:
-            for queue in (name, f"{name}.dead"):
+            for queue in (name, f"{name}.dead", *(retry_queue(name, d) for d in RETRY_DELAYS)):
                 channel.queue_delete(queue)
             for exchange in (name, f"{name}.dead"):
                 channel.exchange_delete(exchange)

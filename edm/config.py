@@ -63,11 +63,13 @@ class AmqpConfig:
     routing_key: str = "email"
     durable: bool = True
     prefetch: int = 1
+    threads: int = 1  # handler threads in the consumer process; 1 keeps the inline path
     queue_arguments: Mapping[str, Any] = field(default_factory=dict)
     handler: str = "edm.handlers:log_message"  # or a built-in name: log (the same), smtp
     handler_options: Mapping[str, Any] = field(default_factory=dict)
     max_retries: int = 3
     workers: int = 1  # consumer processes, each with its own connection, each supervised alone
+    retry_delays: tuple[float, ...] = (10.0, 60.0, 300.0)  # seconds; the n-th retry waits [min(n, len) - 1]
     tls: AmqpTlsConfig = field(default_factory=AmqpTlsConfig)
     # The consumer's fast lane (edm.amqp.fastlane) and flushing I/O loop; false: pika's plain path.
     fast_lane: bool = True
@@ -268,11 +270,13 @@ def _parse_amqp(raw: Mapping[str, Any], environ: Mapping[str, str], base: Path) 
         routing_key=_str(raw, "routing_key", "amqp", d.routing_key),
         durable=_bool(raw, "durable", "amqp", d.durable),
         prefetch=_int(raw, "prefetch", "amqp", d.prefetch, 1),
+        threads=_int(raw, "threads", "amqp", d.threads, 1),
         queue_arguments=dict(qargs),
         handler=handler,
         handler_options=dict(options),
         max_retries=_int(raw, "max_retries", "amqp", d.max_retries, 0),
         workers=_workers(raw),
+        retry_delays=_retry_delays(raw.get("retry_delays", list(d.retry_delays))),
         tls=_parse_amqp_tls(raw.get("tls"), base),
         fast_lane=_bool(raw, "fast_lane", "amqp", d.fast_lane),
     )
@@ -286,6 +290,20 @@ def _workers(raw: Mapping[str, Any]) -> int:
     if value > MAX_WORKERS:
         raise ConfigError(f"amqp.workers: must be an integer between 1 and {MAX_WORKERS}")
     return value
+
+
+def _retry_delays(value: Any) -> tuple[float, ...]:
+    """``amqp.retry_delays``: a non-empty list of seconds, each a finite number > 0."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError("amqp.retry_delays: must be a non-empty list of seconds, e.g. [10, 60, 300]")
+    delays = []
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not 0 < item < float("inf"):
+            raise ConfigError(f"amqp.retry_delays[{i}]: must be a number of seconds > 0, not {item!r}")
+        if item * 1000 < 1:
+            raise ConfigError(f"amqp.retry_delays[{i}]: must be at least 0.001 (one millisecond)")
+        delays.append(float(item))
+    return tuple(delays)
 
 
 def _parse_amqp_tls(raw: Any, base: Path) -> AmqpTlsConfig:

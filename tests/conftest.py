@@ -25,6 +25,7 @@ import pymysql
 import pytest
 import yaml
 
+from edm.amqp.topology import retry_queue
 from edm.config import Config, parse
 from edm.db import Database
 
@@ -286,7 +287,9 @@ class EdmEnv:
                 except ProcessLookupError:
                     pass
         queues = {self.tag, self.queue, *self.extra_queues}
-        delete_topology(queues | {f"{q}.dead" for q in queues}, {self.exchange, *self.extra_exchanges})
+        delays = self.doc["amqp"].get("retry_delays", [10, 60, 300])
+        helpers = {f"{q}.dead" for q in queues} | {retry_queue(q, d) for q in queues for d in delays}
+        delete_topology(queues | helpers, {self.exchange, *self.extra_exchanges})
 
 
 @pytest.fixture

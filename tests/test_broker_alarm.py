@@ -277,7 +277,7 @@ def test_no_timer_tears_the_daemons_connection_down_during_a_long_alarm() -> Non
     )
     consumer.start()
     try:
-        connection = consumer._connection
+        connection = consumer._link.connection
         assert connection is not None
         assert connection.params.blocked_connection_timeout is None
     finally:

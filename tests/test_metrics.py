@@ -178,7 +178,8 @@ def test_counters_survive_a_killed_consumer(make_env: Any) -> None:
 
 def test_retries_and_dead_letters_are_counted_as_they_happen(make_env: Any) -> None:
     env, listen = metrics_env(
-        make_env, {"amqp": {"handler": "edm_test_handlers:fail_poison", "max_retries": 2}}
+        make_env,
+        {"amqp": {"handler": "edm_test_handlers:fail_poison", "max_retries": 2, "retry_delays": [1]}},
     )
     env.start()
     env.publish([b"poison 1", b"good 1", b"poison 2", b"good 2", b"poison 3"])
@@ -188,7 +189,8 @@ def test_retries_and_dead_letters_are_counted_as_they_happen(make_env: Any) -> N
     assert messages(listen, "ok") == 2
     assert messages(listen, "rejected") == 0
     assert len(env.drain_queue(f"{env.queue}.dead")) == 3
-    assert value(listen, "edm_handler_seconds_count") == 5  # first calls; retries are not timed
+    # every call is timed: a retry is a delivery of its own (5 first calls + 6 retries)
+    assert value(listen, "edm_handler_seconds_count") == 11
     assert env.cli("stop").returncode == 0
 
 

@@ -137,6 +137,7 @@ def test_slow_handler_keeps_its_connection(edm_env: EdmEnv) -> None:
 def test_poison_messages_are_dead_lettered(edm_env: EdmEnv) -> None:
     edm_env.doc["amqp"]["handler"] = "edm_test_handlers:fail_poison"
     edm_env.doc["amqp"]["max_retries"] = 2
+    edm_env.doc["amqp"]["retry_delays"] = [1]
     edm_env.write_config()
     edm_env.start()
     bodies = [b"good 1", b"poison 1", b"good 2", b"poison 2", b"good 3"]
@@ -152,7 +153,9 @@ def test_poison_messages_are_dead_lettered(edm_env: EdmEnv) -> None:
         assert headers["x-edm-error"].startswith("ValueError: cannot handle b'poison")
     log = edm_env.log_text()
     assert log.count(" ERROR Dead-lettered a message") == 2
-    assert log.count("The handler failed (attempt") == 4
+    # each retry waited in the broker's delay queue, one WARNING each
+    assert log.count(" WARNING The handler failed (attempt") == 4
+    assert log.count(f"retrying in 1 s ({edm_env.queue}.retry.1000)") == 4
     assert edm_env.cli("stop").returncode == 0
 
 

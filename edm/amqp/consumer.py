@@ -1,15 +1,20 @@
-"""The AMQP consumer: connect, declare, consume, hand each message to the handler, ack.
+"""The AMQP consumer: wires the connection, the declarations, the handler and the outcomes.
 
 It follows pika's reconnecting asynchronous consumer, with one difference that matters for
-speed: the handler runs inline, in the thread that drives the SelectConnection's I/O loop,
-so a fast handler costs no thread hand-off (at prefetch 1 every microsecond per message is
-throughput). A slow handler does not cost the connection either: a keeper thread takes the
-I/O loop over while a handler has been running for longer than ``slow_after`` (well under
-the heartbeat interval), so heartbeats and broker frames are served until it returns. The
-two threads never run the loop at once: it belongs to whoever holds ``_io``.
+speed: the handler runs inline, in the thread that drives the I/O loop, so a fast handler
+costs no thread hand-off (at prefetch 1 every microsecond per message is throughput); the
+keeper (``edm.amqp.keeper``) serves the loop while a handler is slow. The parts:
 
-A message is acked only after its handler returned. Every channel gets a generation
-number: a delivery from an older channel is never acked (the broker redelivers it).
+- ``connection.Link``: one connection at a time, URL after URL, with back-off;
+- ``topology``: the main queue on the consuming channel, the helper queues (``.dead``, the
+  delay queues) on a channel of their own;
+- ``outcomes``: what the handler's ending means, and the republish-confirm-ack it takes;
+- ``holdoff``: a log that cannot be written holds deliveries off until it can;
+- ``pool``: with ``amqp.threads`` > 1, handler threads instead of the inline call.
+
+A message is acked only after its handler returned, or once its retry or dead letter is
+confirmed. Every channel gets a generation number: a delivery from an older channel is never
+acked (the broker redelivers it).
 """
 
 from __future__ import annotations
@@ -19,23 +24,26 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import pika
 import pika.channel
 import pika.exceptions
 import pika.frame
 import pika.spec
 from pika.adapters.select_connection import IOLoop
 
-from edm.amqp.fastlane import Lane, LaneConnection, connection_class, decode_properties
+from edm.amqp.connection import ConnectionFactory, Link, State
+from edm.amqp.fastlane import Lane, LaneConnection, decode_properties
+from edm.amqp.holdoff import HoldOff
 from edm.amqp.ioloop import FlushingIOLoop, io_loop
-from edm.amqp.params import describe, insecure_tls_warning, parameters
-from edm.amqp.topology import helper_queue_arguments, inequivalent_helper
+from edm.amqp.keeper import Keeper, slow_after
+from edm.amqp.outcomes import OK, Outcome, Settler, Tally, judge
+from edm.amqp.params import describe, insecure_tls_warning
+from edm.amqp.pool import Pool
+from edm.amqp.topology import Helpers, MainDeclaration
 from edm.config import AmqpConfig
-from edm.errors import BrokerError, LogWriteError
-from edm.handlers.api import Message, Reject
+from edm.errors import LogWriteError
+from edm.handlers.api import Message
 from edm.handlers.loader import Bound, HandlerFactory
 from edm.metrics import Latency
 from edm.redact import mask_url
@@ -44,102 +52,68 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], None]
 
-RETRY_DELAY = 0.2  # seconds before the first retry of a failing handler; doubles each time
-RETRY_DELAY_MAX = 5.0
-DEAD_RETRY_FIRST = 1.0  # seconds before a failed .dead declaration is tried again; doubles
 DEPTH_INTERVAL = 5.0  # seconds between passive declares that read the queue's depth for status
-PROBE_DELAY = 0.25  # seconds before the first probe of a failing log; doubles up to amqp.retry_max
-
+HELPERS_WAIT = 2.0  # seconds the first consume waits at most for the helper queues' declaration
 
 # (generation, delivery tag, message)
 _Delivery = tuple[int, int, Message]
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    # "ok" | "requeue" | "dead" | "held" (the log could not be written) | "back" (to the end
-    # of the queue: .dead unavailable)
-    kind: str
-    error: str = ""
-    attempts: int = 0
-    failure: LogWriteError | None = None
-
-
-_OK = _Outcome("ok", attempts=1)
-
-
-@dataclass
-class _LogFailure:
-    """The log cannot be written: deliveries are held off until a probe write succeeds."""
-
-    error: LogWriteError
-    since: float  # time.monotonic() of the first failure
-    delay: float  # before the next probe
-
-    @property
-    def activity(self) -> str:
-        return f"log write failing: {self.error}"
 
 
 class Consumer:
     """Consumes ``amqp.queue`` until stopped; survives connection loss on its own."""
 
     def __init__(
-        self, amqp: AmqpConfig, handlers: HandlerFactory, emit: Emit, ioloop: IOLoop | None = None
+        self,
+        amqp: AmqpConfig,
+        handlers: HandlerFactory,
+        emit: Emit,
+        ioloop: IOLoop | None = None,
+        connection_factory: ConnectionFactory | None = None,
     ) -> None:
         self.amqp = amqp
         self.handlers = handlers
-        self.bound = handlers.build()  # raises ConfigError naming amqp.handler
-        self.handler = self.bound.call
+        self._bounds = build(handlers, amqp.threads)  # raises ConfigError naming amqp.handler
+        self.handler = self._bounds[0].call  # the inline path's (threads: 1)
         self.ioloop = ioloop or io_loop(amqp.fast_lane)
         self._emit = emit
-        self._connection: LaneConnection | None = None
-        self._connection_url = ""
-        self._blocked: tuple[str, float] | None = None  # while the broker blocks us: (state before, since)
+        self._link = Link(
+            amqp, self.ioloop, self._on_open, self._on_down, self._set_state, self._show, connection_factory
+        )
+        self._helpers = Helpers(amqp, self._on_helpers_done)
+        self._settler: Settler | None = None
+        self._tally = Tally()
         self._channel: pika.channel.Channel | None = None
         self._consumer_tag: str | None = None
         self._generation = 0
-        self._url_index = 0
-        self._round = 0
-        self._reconnect_timer: object | None = None
-        self._state = "starting"
+        self._state = State.STARTING
+        self._shown = ""
         self._stopping = False
-        self._pending: tuple[AmqpConfig, HandlerFactory, Bound] | None = None
+        self._pending: tuple[AmqpConfig, HandlerFactory, list[Bound]] | None = None
         self._draining = False
-        self._interrupt = threading.Event()  # ends a retry's wait early on stop
-        self._publish_seq = 0
-        self._dead_pending: dict[int, tuple[int, int, _Outcome]] = {}
-        # The dead-letter topology, declared on a channel of its own (see _declare_dead).
-        self._dead_ready = False
-        self._dead_declaring = False
-        self._dead_waiting: list[tuple[int, int, Message, _Outcome]] = []
-        self._dead_problem: str | None = None  # the last failure logged, so each is logged once
-        self._dead_retry_at = 0.0  # monotonic time before which no declaration is tried again
-        self._dead_backoff = DEAD_RETRY_FIRST
-        self._back_logged = False  # "went back to the queue" was logged since the last failure
-        # The I/O loop belongs to whoever holds _io: the main thread, or the keeper while
-        # a handler is slow. Deliveries wait in _deliveries for the main thread.
+        # The I/O loop belongs to whoever holds _io: the main thread, or the keeper while a
+        # handler is slow. Deliveries wait in _deliveries for the main thread.
         self._io = threading.Lock()
         self._deliveries: deque[_Delivery] = deque()
         self._in_hand = False
-        self._busy_since: float | None = None
-        self._keeper_active = False
         self._running = False
-        self._keeper_tick = threading.Event()
-        heartbeat = amqp.heartbeat
-        self.slow_after = min(1.0, heartbeat / 4) if heartbeat > 0 else 1.0
+        self._keeper = Keeper(self.ioloop, self._io, slow_after(amqp.heartbeat))
+        self._pool = self._make_pool()
+        self._hold = HoldOff(self.ioloop, amqp.retry_max, self._on_log_works, self._show)
         self.handled = 0
-        self.dead = 0
-        self.retried = 0  # handler calls after a failure (each retry counts)
         self.latency = Latency()  # handler call durations, shipped with the status reports
-        self.connected_url: str | None = None
         self.since = time.time()
         self.queue_depth: int | None = None  # messages ready in the queue; None while unknown
         self._depth_asked = False
-        self._log_failure: _LogFailure | None = None
         self._withheld = -1  # the channel generation whose consume waits for the log to work
-        self._handled_at_resume = -1
-        self._last_delay = PROBE_DELAY
+        self._qos_set = -1  # the channel generation whose consume waits for the helper queues
+
+    @property
+    def dead(self) -> int:
+        return self._tally.dead
+
+    @property
+    def retried(self) -> int:
+        return self._tally.retried
 
     # -- public, called from the I/O loop's thread -------------------------------------------
 
@@ -148,13 +122,14 @@ class Consumer:
         self._running = True
         self._warn_insecure()
         with self._io:
-            self._connect()
+            self._link.connect()
             self.ioloop.call_later(DEPTH_INTERVAL, self._poll_depth)
 
     def run(self) -> None:
         """Drive the I/O loop and handle deliveries until ``stop`` has finished."""
-        keeper = threading.Thread(target=self._keep_alive, name="edm-keeper", daemon=True)
-        keeper.start()
+        self._keeper.start()
+        if self._pool is not None:
+            self._pool.start()
         self.ioloop.activate_poller()
         try:
             while self._running:
@@ -164,30 +139,25 @@ class Consumer:
                         self.ioloop.process_timeouts()
                         continue
                 # A delivery first: the broker waits for its ack, the timers can wait for it.
-                self._handle_deliveries()
+                if self._pool is None:
+                    self._handle_deliveries()
+                else:
+                    self._dispatch()
                 with self._io:
                     self.ioloop.process_timeouts()
         finally:
             self._running = False
-            self._keeper_tick.set()
-            keeper.join(timeout=5)
+            self._keeper.stop()
+            if self._pool is not None:
+                self._pool.stop()
             self.ioloop.deactivate_poller()
-
-    def _warn_insecure(self) -> None:
-        warning = insecure_tls_warning(self.amqp.url, self.amqp.tls)
-        if warning:
-            log.warning("%s.", warning)
-
-    def _end_loop(self) -> None:
-        self._running = False
-        self.ioloop.add_callback_threadsafe(_noop)
 
     def stop(self) -> None:
         """Graceful stop: finish the message in hand, ack it, close cleanly, end ``run``."""
         if self._stopping:
             return
         self._stopping = True
-        self._interrupt.set()
+        self._hold.cancel()
         log.info("Stopping the consumer after the message in hand.")
         self._drain()
 
@@ -199,331 +169,220 @@ class Consumer:
         """
         if amqp == self.amqp and handlers == self.handlers:
             return
-        bound = handlers.build()
+        bounds = build(handlers, amqp.threads)
         if self._pending is not None:
-            self._pending[2].release()  # a reload that never applied: its handler goes
-        self._pending = (amqp, handlers, bound)
+            release(self._pending[2])  # a reload that never applied: its handlers go
+        self._pending = (amqp, handlers, bounds)
         log.info("Applying new AMQP settings (queue %s).", amqp.queue)
         self._drain()
 
     def snapshot(self) -> dict[str, Any]:
+        url = self._link.url
         return {
-            "state": self._state,
+            "state": self._activity(),
             "handled": self.handled,
-            "dead_lettered": self.dead,
-            "retried": self.retried,
+            "dead_lettered": self._tally.dead,
+            "retried": self._tally.retried,
+            "rejected": self._tally.rejected,  # of dead_lettered: by a Reject, not out of retries
             "latency": self.latency.report(),
-            "connected": self.connected_url is not None,
+            "threads": self.amqp.threads,
+            "busy": self._pool.busy if self._pool is not None else int(self._keeper.busy_since is not None),
+            "connected": self._link.open,
             "queue": self.amqp.queue,
             "queue_depth": self.queue_depth,
             # the broker in use, or the one being tried while connecting or backing off
-            "broker": mask_url(self._connection_url) if self._connection_url else None,
+            "broker": mask_url(url) if url else None,
             "since": self.since,
         }
 
-    # -- connection ----------------------------------------------------------------------------
+    # -- state ---------------------------------------------------------------------------------
 
-    def _set_state(self, state: str) -> None:
-        if state != self._state:
-            self._state = state
+    def _activity(self) -> str:
+        """What ``status`` shows: the state, unless the broker or the log holds us back."""
+        if self._state is State.STOPPED:
+            return str(self._state.value)
+        if self._link.blocked is not None:
+            return f"blocked by the broker: {self._link.blocked}"
+        if self._hold.failure is not None and self._state is State.CONSUMING:
+            return self._hold.failure.activity
+        return str(self._state.value)
+
+    def _set_state(self, state: State) -> None:
+        self._state = state
+        self._show()
+
+    def _show(self) -> None:
+        shown = self._activity()
+        if shown != self._shown:
+            self._shown = shown
             self.since = time.time()
             self._emit(self.snapshot())
 
-    def _connect(self) -> None:
-        self._reconnect_timer = None
-        urls = self.amqp.url
-        url = urls[self._url_index % len(urls)]
-        self._set_state("connecting")
-        log.debug("Connecting to %s.", mask_url(url))
-        try:
-            params = parameters(url, self.amqp.heartbeat, self.amqp.tls)
-        except BrokerError as exc:  # a certificate file gone or unreadable since the config check
-            self._connection_url = url
-            self._on_open_error(None, exc)
-            return
-        # A broker alarm blocks the connection only while it has a dead letter to take; the
-        # connection waits it out instead of being torn down (a reconnect would redeliver the
-        # message, fail it again and meet the same alarm). Heartbeats go on meanwhile.
-        params.blocked_connection_timeout = None
-        connection = connection_class(self.amqp.fast_lane)(
-            params,
-            on_open_callback=self._on_open,
-            on_open_error_callback=self._on_open_error,
-            on_close_callback=self._on_closed,
-            custom_ioloop=self.ioloop,
-        )
-        connection.add_on_connection_blocked_callback(self._on_blocked)
-        connection.add_on_connection_unblocked_callback(self._on_unblocked)
-        self._connection = connection
-        self._connection_url = url
-        self._blocked = None
+    def _warn_insecure(self) -> None:
+        warning = insecure_tls_warning(self.amqp.url, self.amqp.tls)
+        if warning:
+            log.warning("%s.", warning)
+
+    # -- connection ----------------------------------------------------------------------------
 
     def _on_open(self, connection: LaneConnection) -> None:
-        self.connected_url = self._connection_url
-        log.info("Connected to %s.", mask_url(self._connection_url))
+        self._helpers.attach(connection, self.amqp)
         connection.channel(on_open_callback=self._on_channel_open)
 
-    def _on_blocked(self, connection: LaneConnection, frame: pika.frame.Method) -> None:
-        """The broker stopped reading this connection (a memory or disk alarm): say so once."""
-        if connection is not self._connection or self._blocked is not None:
-            return
-        reason = str(getattr(frame.method, "reason", "") or "") or "no reason given"
-        log.warning("The broker blocks publishing: %s.", reason)
-        self._blocked = (self._state, time.monotonic())
-        self._set_state(f"blocked by the broker: {reason}")
-
-    def _on_unblocked(self, connection: LaneConnection, _frame: pika.frame.Method) -> None:
-        """The alarm is over: what waited (a dead letter's confirm) goes on by itself."""
-        if connection is not self._connection or self._blocked is None:
-            return
-        before, since = self._blocked
-        self._blocked = None
-        log.info("The broker no longer blocks publishing (blocked for %.1f s).", time.monotonic() - since)
-        if self._state.startswith("blocked by the broker: "):
-            # A log that began failing meanwhile is what holds the consumer back now.
-            self._set_state(self._log_failure.activity if self._log_failure is not None else before)
-
-    def _on_open_error(self, connection: LaneConnection | None, error: BaseException | str) -> None:
-        reason = describe(error) if isinstance(error, BaseException) else mask_url(str(error))
-        log.warning("Cannot connect to %s: %s.", mask_url(self._connection_url), reason)
-        self._connection = None
-        self._after_close()
-
-    def _on_closed(self, connection: LaneConnection, reason: BaseException) -> None:
-        self._connection = None
+    def _on_down(self, reason: BaseException | None) -> None:
+        """The connection closed (``reason``) or an attempt failed (None): what next."""
         self._channel = None
+        self._settler = None
         self._consumer_tag = None
-        self._generation += 1
-        if self._stopping or self._pending is not None:
-            log.info("Closed the connection to %s.", mask_url(self._connection_url))
-        else:
-            log.warning("Lost the connection to %s: %s.", mask_url(self._connection_url), describe(reason))
-        self.connected_url = None
-        self.queue_depth = None
-        self._after_close()
-
-    def _after_close(self) -> None:
-        self._fail_dead_pending()
+        self._helpers.attach(None, self.amqp)
+        if reason is not None:
+            self._generation += 1
+            self.queue_depth = None
+            if self._stopping or self._pending is not None:
+                log.info("Closed the connection to %s.", mask_url(self._link.url))
+            else:
+                log.warning("Lost the connection to %s: %s.", mask_url(self._link.url), describe(reason))
         if self._stopping:
-            self._set_state("stopped")
-            self.bound.release()
+            self._set_state(State.STOPPED)
+            self._release_handlers()
             if self._pending is not None:
-                self._pending[2].release()
-            self._end_loop()
-            return
-        if self._pending is not None:
-            old = self.bound
-            self.amqp, self.handlers, self.bound = self._pending
-            self.handler = self.bound.call
-            self._pending = None
-            old.release()
-            self._warn_insecure()
+                release(self._pending[2])
+            self._running = False
+            self.ioloop.add_callback_threadsafe(_noop)
+        elif self._pending is not None:
+            self._apply_pending()
+        else:
             self._draining = False
-            self._url_index = 0
-            self._round = 0
-            self._connect()
-            return
+            self._link.next()
+
+    def _apply_pending(self) -> None:
+        assert self._pending is not None
+        self._release_handlers()
+        self.amqp, self.handlers, self._bounds = self._pending
+        self.handler = self._bounds[0].call
+        self._pending = None
+        self._pool = self._make_pool()
+        if self._pool is not None:
+            self._pool.start()
+        self._keeper.slow_after = slow_after(self.amqp.heartbeat)
+        self._warn_insecure()
         self._draining = False
-        self._url_index += 1
-        if self._url_index % len(self.amqp.url):
-            self._connect()  # try the next URL of this round at once
-            return
-        delay = min(self.amqp.retry_max, 0.25 * 2**self._round)
-        self._round += 1
-        self._set_state("backing off")
-        log.info("Reconnecting in %.1f s.", delay)
-        self._reconnect_timer = self.ioloop.call_later(delay, self._connect)
+        self._link.restart(self.amqp)
 
     def _drain(self) -> None:
-        """Stop taking messages; close once the one in hand is finished."""
+        """Stop taking messages; close once the one in hand and every republish are done."""
         self._draining = True
-        if self._connection is None:
-            if self._reconnect_timer is not None:
-                self.ioloop.remove_timeout(self._reconnect_timer)
-            self._after_close()
+        connection = self._link.connection
+        if connection is None:
+            self._link.cancel()
+            self._on_down(None)
             return
-        self._set_state("draining")
-        self._connection.close_lane()
+        self._set_state(State.DRAINING)
+        connection.close_lane()
         if self._channel is not None and self._channel.is_open and self._consumer_tag:
             self._channel.basic_cancel(self._consumer_tag)
+        if self._pool is not None:
+            self._pool.take_back()  # not started: the channel's close gives them back
         self._close_if_idle()
 
     def _close_if_idle(self) -> None:
-        idle = not self._in_hand and not self._dead_pending and not self._dead_waiting
-        if self._draining and idle and self._connection is not None:
-            if self._connection.is_open:
-                self._connection.close()
-            elif self._connection.is_closed:
-                self._on_closed(self._connection, pika.exceptions.ConnectionClosedByClient(200, "OK"))
+        """While draining: close once no message is in hand and no republish is owed."""
+        if not self._draining:
+            return  # the common case, after every message: one test
+        connection = self._link.connection
+        busy = self._in_hand or (self._settler is not None and self._settler.busy)
+        busy = busy or (self._pool is not None and self._pool.in_hand > 0)
+        if busy or connection is None:
+            return
+        if connection.is_open:
+            connection.close()
+        elif connection.is_closed:
+            self._link.closed(connection, pika.exceptions.ConnectionClosedByClient(200, "OK"))
 
-    # -- channel and topology ------------------------------------------------------------------
+    # -- channel -------------------------------------------------------------------------------
 
     def _on_channel_open(self, channel: pika.channel.Channel) -> None:
         self._channel = channel
-        self._publish_seq = 0
         self._depth_asked = False
-        self._dead_ready = False
         channel.add_on_close_callback(self._on_channel_closed)
-        a = self.amqp
-        channel.exchange_declare(
-            a.exchange, a.exchange_type, durable=a.durable, callback=lambda _f: self._declare_queue()
+        self._settler = Settler(
+            channel, self.amqp, self._helpers, self.ioloop, self._tally, self._close_if_idle
         )
-        self._declare_dead()
+        self._helpers.declare()
+        MainDeclaration(channel, self.amqp, self._on_declared).start()
 
-    def _declare_queue(self) -> None:
-        a = self.amqp
-        assert self._channel is not None
-        channel = self._channel
-        channel.queue_declare(
-            a.queue,
-            durable=a.durable,
-            arguments=dict(a.queue_arguments) or None,
-            callback=lambda frame: self._bind_queue(channel, frame),
-        )
-
-    def _bind_queue(self, channel: pika.channel.Channel, declared: pika.frame.Method) -> None:
+    def _on_declared(self, declared: pika.frame.Method) -> None:
         self._on_depth(declared)
-        a = self.amqp
-        channel.queue_bind(a.queue, a.exchange, a.routing_key, callback=lambda _f: self._set_qos())
+        assert self._channel is not None and self._settler is not None
+        self._settler.start()
+        prefetch = max(self.amqp.prefetch, self.amqp.threads)  # a message for every thread
+        self._channel.basic_qos(prefetch_count=prefetch, callback=self._on_qos)
 
-    def _declare_dead(self) -> None:
-        """Declare ``<exchange>.dead`` and ``<queue>.dead`` on a channel of their own.
+    def _on_qos(self, _frame: pika.frame.Method) -> None:
+        """Consume once the helper queues are declared (or failed), but never wait long for them.
 
-        A failed declaration closes its channel: a ``.dead`` queue whose node is down (404), or
-        one declared otherwise by an earlier version (406), must cost the dead letters at
-        most, never the consumption of the main queue. So the main channel never declares it;
-        a failure is logged, and the declaration is tried again when a message needs it.
+        Their declarations answer at once on a healthy broker; consuming after them keeps their
+        replies from arriving among the first deliveries (which then take pika's slower path).
         """
-        connection = self._connection
-        if self._dead_declaring or connection is None or not connection.is_open:
-            return
-        self._dead_declaring = True
-        generation = self._generation
-        connection.channel(on_open_callback=lambda channel: self._on_dead_channel_open(channel, generation))
-
-    def _on_dead_channel_open(self, channel: pika.channel.Channel, generation: int) -> None:
-        a = self.amqp
-        dead_exchange, dead_queue = f"{a.exchange}.dead", f"{a.queue}.dead"
-        arguments = helper_queue_arguments(a.queue_arguments)
-        channel.add_on_close_callback(lambda _c, reason: self._on_dead_channel_closed(generation, reason))
-        channel.exchange_declare(
-            dead_exchange,
-            "direct",
-            durable=True,
-            callback=lambda _f: channel.queue_declare(
-                dead_queue,
-                durable=True,
-                arguments=arguments or None,
-                callback=lambda _g: channel.queue_bind(
-                    dead_queue,
-                    dead_exchange,
-                    a.routing_key,
-                    callback=lambda _h: self._on_dead_declared(channel, generation),
-                ),
-            ),
-        )
-
-    def _on_dead_declared(self, channel: pika.channel.Channel, generation: int) -> None:
-        self._dead_declaring = False
-        if channel.is_open:
-            channel.close()
-        if generation != self._generation:
-            return
-        self._dead_ready = True
-        self._dead_backoff = DEAD_RETRY_FIRST
-        if self._dead_problem is not None:
-            log.info("Declared %s.dead: dead letters go there again.", self.amqp.queue)
-            self._dead_problem = None
-        self._flush_dead_waiting()
-
-    def _on_dead_channel_closed(self, generation: int, reason: BaseException) -> None:
-        if not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            # closed by us once declared, or with its connection (whose end clears the rest)
-            if not self._dead_ready:
-                self._dead_declaring = False
-            return
-        self._dead_declaring = False
-        if generation != self._generation:
-            return
-        a = self.amqp
-        dead_queue = f"{a.queue}.dead"
-        if reason.reply_code == 406:
-            vhost = self._connection.params.virtual_host if self._connection is not None else "/"
-            problem = inequivalent_helper(
-                dead_queue, vhost, reason.reply_text, helper_queue_arguments(a.queue_arguments)
-            )
-            level = logging.ERROR
+        self._qos_set = self._generation
+        if self._helpers.declaring:
+            self.ioloop.call_later(HELPERS_WAIT, self._start_consuming)
         else:
-            problem = (
-                f"Cannot declare the dead-letter queue {dead_queue}: {describe(reason)}. Consuming goes "
-                f"on; the declaration is tried again when a message needs it."
-            )
-            level = logging.WARNING
-        if problem != self._dead_problem:
-            log.log(level, "%s", problem)
-            self._dead_problem = problem
-        # The next message to dead-letter tries again, but not at once: a poison message
-        # coming round an otherwise empty queue must not turn into a loop of declarations.
-        self._dead_retry_at = time.monotonic() + self._dead_backoff
-        self._dead_backoff = min(self._dead_backoff * 2, max(self.amqp.retry_max, DEAD_RETRY_FIRST))
-        self._back_logged = False
-        self._flush_dead_waiting()
+            self._start_consuming()
 
-    def _flush_dead_waiting(self) -> None:
-        """Dead-letter what waits for ``.dead`` if it is declared, else send it back to its queue."""
-        if self._dead_declaring:
-            return  # the declaration's end flushes
-        waiting, self._dead_waiting = self._dead_waiting, []
+    def _start_consuming(self) -> None:
         channel = self._channel
-        for held_in, tag, message, outcome in waiting:
-            if held_in != self._generation or channel is None or not channel.is_open:
-                continue  # from a closed channel: the broker redelivers it
-            if self._dead_ready:
-                self._dead_letter(held_in, tag, message, outcome)
-            else:
-                self._back_to_queue(held_in, tag, message, outcome)
-        self._close_if_idle()
-
-    def _set_qos(self) -> None:
-        assert self._channel is not None
-        self._channel.confirm_delivery(self._on_confirm)
-        self._channel.basic_qos(prefetch_count=self.amqp.prefetch, callback=lambda _f: self._consume())
+        if self._qos_set != self._generation or channel is None or not channel.is_open:
+            return
+        self._qos_set = -1
+        self._consume()
 
     def _consume(self) -> None:
         assert self._channel is not None
         if self._draining:
             self._close_if_idle()
             return
-        if self._log_failure is not None:
-            self._withheld = self._generation  # _resume consumes once the log can be written
-            self._set_state(self._log_failure.activity)
+        if self._hold.failure is not None:
+            self._withheld = self._generation  # _on_log_works consumes once the log works
+            self._set_state(State.CONSUMING)
             return
         self._consumer_tag = self._channel.basic_consume(self.amqp.queue, self._on_message, auto_ack=False)
-        if self._connection is not None:
-            lane = Lane(self._channel.channel_number, self._consumer_tag, self._on_fast_delivery)
-            self._connection.open_lane(lane)
-        self._round = 0
+        connection = self._link.connection
+        if connection is not None:
+            connection.open_lane(
+                Lane(self._channel.channel_number, self._consumer_tag, self._on_fast_delivery)
+            )
+        self._link.settled()
+        a = self.amqp
         log.info(
-            "Consuming from queue %s (exchange %s, routing key %s, prefetch %d).",
-            self.amqp.queue,
-            self.amqp.exchange,
-            self.amqp.routing_key,
-            self.amqp.prefetch,
+            "Consuming from queue %s (exchange %s, routing key %s, prefetch %d%s).",
+            a.queue,
+            a.exchange,
+            a.routing_key,
+            max(a.prefetch, a.threads),
+            f", {a.threads} handler threads" if a.threads > 1 else "",
         )
-        self._set_state("consuming")
+        self._set_state(State.CONSUMING)
 
     def _on_channel_closed(self, channel: pika.channel.Channel, reason: BaseException) -> None:
         if channel is not self._channel:
             return
-        if self._connection is not None:
-            self._connection.close_lane()
+        connection = self._link.connection
+        if connection is not None:
+            connection.close_lane()
         self._channel = None
+        self._settler = None
         self._consumer_tag = None
         self._generation += 1
-        if self._connection is not None and self._connection.is_open:
+        if connection is not None and connection.is_open:
             if not (self._stopping or self._pending is not None):
                 log.error("The broker closed the channel: %s.", describe(reason))
-            self._connection.close()
+            connection.close()
+
+    def _on_helpers_done(self) -> None:
+        if self._settler is not None:
+            self._settler.flush()
+        self._start_consuming()
 
     # -- queue depth, for status ---------------------------------------------------------------
 
@@ -573,273 +432,136 @@ class Consumer:
     def _handle_deliveries(self) -> None:
         """Run the handler for each waiting delivery, in this (the main) thread, and ack."""
         deliveries = self._deliveries
+        keeper = self._keeper
         while True:
             with self._io:
-                if not deliveries or self._draining or not self._running or self._log_failure:
+                if not deliveries or self._draining or not self._running or self._hold.failure:
                     return
                 generation, tag, message = deliveries.popleft()
                 if generation != self._generation:
                     continue  # from a closed channel: the broker redelivers it
                 self._in_hand = True
-            self._busy_since = time.monotonic()
+            keeper.busy_since = time.monotonic()
             outcome = self._handle(message)
-            self._busy_since = None
-            if self._keeper_active:
-                self.ioloop.add_callback_threadsafe(_noop)  # end the keeper's poll now
+            keeper.busy_since = None
+            if keeper.active:
+                keeper.wake()  # end the keeper's poll now
             with self._io:
                 self._in_hand = False
                 self._on_done(generation, tag, message, outcome)
                 if isinstance(self.ioloop, FlushingIOLoop):
                     self.ioloop.flush()  # the ack leaves now: the broker waits for it
 
-    def _keep_alive(self) -> None:
-        """While a handler is slow, serve the I/O loop (heartbeats, broker frames) for it."""
-        tick = self.slow_after / 2
-        while self._running:
-            since = self._busy_since
-            if since is None or time.monotonic() - since < self.slow_after:
-                self._keeper_tick.wait(tick)
-                continue
-            self._keeper_active = True
-            try:
-                while self._handler_busy():
-                    with self._io:
-                        if not self._handler_busy():
-                            break
-                        self.ioloop.poll()
-                        self.ioloop.process_timeouts()
-            finally:
-                self._keeper_active = False
+    def _dispatch(self) -> None:
+        """Hand each waiting delivery to the handler threads (``amqp.threads`` > 1)."""
+        assert self._pool is not None
+        deliveries = self._deliveries
+        with self._io:
+            while deliveries and not self._draining and self._running and not self._hold.failure:
+                job = deliveries.popleft()
+                if job[0] == self._generation:  # else from a closed channel: redelivered
+                    self._pool.submit(job)
 
-    def _handler_busy(self) -> bool:
-        """Read afresh each time: the main thread clears it when the handler returns."""
-        return self._busy_since is not None and self._running
+    def _on_thread_done(
+        self, generation: int, tag: int, message: Message, outcome: Outcome, seconds: float | None
+    ) -> None:
+        """A handler thread finished a message: on the I/O loop's thread, ack or settle it."""
+        if seconds is not None:
+            self.latency.observe(seconds)
+        self._on_done(generation, tag, message, outcome)
+        if isinstance(self.ioloop, FlushingIOLoop):
+            self.ioloop.flush()
 
-    def _handle(self, message: Message) -> _Outcome:
+    def _make_pool(self) -> Pool | None:
+        if self.amqp.threads == 1:
+            return None
+        return Pool(self._bounds, self.amqp, self.ioloop, self._on_thread_done)
+
+    def _release_handlers(self) -> None:
+        """Stop the handler threads (each closes its handler), or close the inline handler."""
+        if self._pool is not None:
+            self._pool.stop()
+        else:
+            release(self._bounds)
+
+    def _handle(self, message: Message) -> Outcome:
         started = time.perf_counter()
         try:
             self.handler(message)
-        except LogWriteError as exc:  # the disk's fault, not the message's
-            return _Outcome("held", error=str(exc), failure=exc)
-        except Reject as exc:
-            self.latency.observe(time.perf_counter() - started)
-            return _Outcome("dead", error=f"Reject: {exc.reason}", attempts=message.attempts)
+        except LogWriteError as exc:  # the disk's fault, not the message's: not timed
+            return judge(message, exc, self.amqp)
         except Exception as exc:  # noqa: BLE001 - any handler failure is retried or dead-lettered
             self.latency.observe(time.perf_counter() - started)
-            return self._retry(message, exc)
+            return judge(message, exc, self.amqp)
         self.latency.observe(time.perf_counter() - started)
-        return _OK
+        return OK
 
-    def _retry(self, message: Message, exc: Exception) -> _Outcome:
-        attempts = 1
-        delay = RETRY_DELAY
-        while True:
-            error = f"{type(exc).__name__}: {exc}"
-            if attempts > self.amqp.max_retries:
-                return _Outcome("dead", error=error, attempts=attempts)
-            log.warning(
-                "The handler failed (attempt %d of %d): %s; retrying in %.1f s.",
-                attempts,
-                self.amqp.max_retries + 1,
-                error,
-                delay,
-            )
-            if self._interrupt.wait(delay):
-                return _Outcome("requeue", error=error, attempts=attempts)
-            delay = min(delay * 2, RETRY_DELAY_MAX)
-            attempts += 1
-            self.retried += 1
-            try:
-                self.handler(message)
-                return _Outcome("ok", attempts=attempts)
-            except LogWriteError as failure:
-                return _Outcome("held", error=str(failure), failure=failure)
-            except Reject as rejected:
-                return _Outcome("dead", error=f"Reject: {rejected.reason}", attempts=attempts)
-            except Exception as again:  # noqa: BLE001
-                exc = again
-
-    def _on_done(self, generation: int, tag: int, message: Message, outcome: _Outcome) -> None:
+    def _on_done(self, generation: int, tag: int, message: Message, outcome: Outcome) -> None:
         channel = self._channel
         if generation == self._generation and channel is not None and channel.is_open:
-            if outcome is _OK or outcome.kind == "ok":
-                assert self._connection is not None  # an open channel has its connection
-                self._connection.send_ack(channel.channel_number, tag)
+            if outcome is OK:
+                connection = self._link.connection
+                assert connection is not None  # an open channel has its connection
+                connection.send_ack(channel.channel_number, tag)
                 self.handled += 1
-            elif outcome.kind == "dead":
-                self._dead_letter(generation, tag, message, outcome)
-            else:  # "requeue", and "held": back to the queue, to be handled once the log works
-                channel.basic_nack(tag, requeue=True)
-        if outcome is not _OK and outcome.failure is not None:
+            else:
+                assert self._settler is not None
+                self._settler.settle(tag, message, outcome)
+        if outcome is not OK and outcome.failure is not None:
             self._hold_off(outcome.failure)
         self._close_if_idle()
 
-    # -- a log that cannot be written: hold off, probe, resume --------------------------------
+    # -- a log that cannot be written -----------------------------------------------------------
 
     def _hold_off(self, error: LogWriteError) -> None:
         """Stop taking deliveries and give back the prefetched ones (the one in hand went back
-        already); probe the log with back-off and resume by ourselves once it takes a record."""
+        already); ``HoldOff`` probes the log and ``_on_log_works`` resumes."""
         if self._stopping:
             return
-        failure = self._log_failure
-        if failure is None:
-            # A relapse before any message got through (a probe line fits, a message does not)
-            # goes on with the back-off where it was instead of probing quickly again.
-            relapse = self.handled == self._handled_at_resume
-            delay = self._probe_delay(self._last_delay) if relapse else PROBE_DELAY
-            failure = self._log_failure = _LogFailure(error, time.monotonic(), delay)
-            self.ioloop.call_later(delay, self._probe)
-        failure.error = error
+        self._hold.begin(error, relapse=self.handled == self._hold.handled_at_resume)
         if self._draining:
             return  # the channel closes anyway; _consume holds off on the next one
         channel = self._channel
+        connection = self._link.connection
         if channel is not None and channel.is_open and self._consumer_tag is not None:
-            if self._connection is not None:
-                self._connection.close_lane()
+            if connection is not None:
+                connection.close_lane()
             # pika rejects (requeues) what still arrives for a cancelled consumer
             channel.basic_cancel(self._consumer_tag)
             self._consumer_tag = None
             self._withheld = self._generation
-        while self._deliveries:
-            generation, tag, _message = self._deliveries.popleft()
+        waiting = [*self._deliveries, *(self._pool.take_back() if self._pool is not None else ())]
+        self._deliveries.clear()
+        for generation, tag, _message in waiting:
             if generation == self._generation and channel is not None and channel.is_open:
                 channel.basic_nack(tag, requeue=True)
-        self._set_state(failure.activity)
+        self._show()
 
-    def _probe(self) -> None:
-        """Try to write the line that says the log works again; resume when it is written."""
-        failure = self._log_failure
-        if failure is None or self._stopping:
-            return
-        seconds = time.monotonic() - failure.since
-        try:
-            failure.error.write(
-                "WARNING",
-                f"Writing the log works again after {seconds:.1f} s of failure ({failure.error}); "
-                "the messages held off meanwhile waited in the queue.",
-            )
-        except LogWriteError as exc:
-            shown = failure.activity
-            failure.error = exc
-            failure.delay = self._probe_delay(failure.delay)
-            self.ioloop.call_later(failure.delay, self._probe)
-            if self._state == shown:
-                self._set_state(failure.activity)  # the reason may have changed
-            return
-        self._resume()
-
-    def _probe_delay(self, previous: float) -> float:
-        return min(previous * 2, max(self.amqp.retry_max, PROBE_DELAY))
-
-    def _resume(self) -> None:
-        assert self._log_failure is not None
-        self._last_delay = self._log_failure.delay
-        self._log_failure = None
-        self._handled_at_resume = self.handled
+    def _on_log_works(self) -> None:
+        self._hold.handled_at_resume = self.handled
         channel = self._channel
         withheld, self._withheld = self._withheld, -1
         if withheld == self._generation and channel is not None and channel.is_open and not self._draining:
             self._consume()
-
-    def _dead_letter(self, generation: int, tag: int, message: Message, outcome: _Outcome) -> None:
-        """Publish to ``<exchange>.dead`` once its topology is declared; ack on the confirm.
-
-        While ``<queue>.dead`` cannot be declared, the message goes to the end of its own
-        queue instead (confirmed before the original is acked, like a dead letter): holding it,
-        or a nack, which puts it back at the head, would stop the messages behind it at
-        prefetch 1. It is dead-lettered at a later pass, once the declaration works.
-        """
-        if self._dead_ready:
-            self._republish(
-                generation, tag, message, outcome, f"{self.amqp.exchange}.dead", self.amqp.routing_key
-            )
-        elif time.monotonic() < self._dead_retry_at:
-            # Not at once: with nothing else in the queue, a poison message would come round
-            # as fast as the broker can carry it. Unacked, it holds back the next delivery.
-            self._dead_waiting.append((generation, tag, message, outcome))
-            self.ioloop.call_later(RETRY_DELAY, self._flush_dead_waiting)
         else:
-            self._dead_waiting.append((generation, tag, message, outcome))
-            self._declare_dead()
+            self._show()
 
-    def _back_to_queue(self, generation: int, tag: int, message: Message, outcome: _Outcome) -> None:
-        back = _Outcome("back", outcome.error, outcome.attempts)
-        self._republish(generation, tag, message, back, "", self.amqp.queue)
 
-    def _republish(
-        self, generation: int, tag: int, message: Message, outcome: _Outcome, exchange: str, routing_key: str
-    ) -> None:
-        """Publish a copy with ``x-edm-error`` and ``x-edm-attempts``; the confirm acks the original."""
-        assert self._channel is not None
-        a = self.amqp
-        old = message.properties
-        headers = dict(message.headers)
-        headers["x-edm-error"] = outcome.error[:1000]
-        headers["x-edm-attempts"] = outcome.attempts
-        headers["x-edm-queue"] = a.queue
-        properties = pika.BasicProperties(
-            content_type=old.content_type,
-            content_encoding=old.content_encoding,
-            headers=headers,
-            delivery_mode=pika.DeliveryMode.Persistent,
-            correlation_id=old.correlation_id,
-            message_id=old.message_id,
-            timestamp=old.timestamp,
-            type=old.type,
-            app_id=old.app_id,
-        )
-        self._channel.basic_publish(exchange, routing_key, message.body, properties)
-        self._publish_seq += 1
-        self._dead_pending[self._publish_seq] = (generation, tag, outcome)
+def build(handlers: HandlerFactory, threads: int) -> list[Bound]:
+    """One handler per thread; if one cannot be built, those built already are closed."""
+    bounds: list[Bound] = []
+    try:
+        for _ in range(threads):
+            bounds.append(handlers.build())
+    except BaseException:
+        release(bounds)
+        raise
+    return bounds
 
-    def _on_confirm(self, frame: pika.frame.Method) -> None:
-        method = frame.method
-        acked = isinstance(method, pika.spec.Basic.Ack)
-        seqs = (
-            [s for s in self._dead_pending if s <= method.delivery_tag]
-            if method.multiple
-            else [method.delivery_tag]
-        )
-        for seq in seqs:
-            entry = self._dead_pending.pop(seq, None)
-            if entry is None:
-                continue
-            generation, tag, outcome = entry
-            channel = self._channel
-            if generation == self._generation and channel is not None and channel.is_open:
-                if acked and outcome.kind == "back":
-                    channel.basic_ack(tag)
-                    # once per failed declaration: a poison message may come round many times
-                    level = logging.DEBUG if self._back_logged else logging.ERROR
-                    self._back_logged = True
-                    log.log(
-                        level,
-                        "Cannot dead-letter a message after %d attempts (%s): %s.dead is not "
-                        "available; the message went back to the end of the queue.",
-                        outcome.attempts,
-                        outcome.error,
-                        self.amqp.queue,
-                    )
-                elif acked:
-                    channel.basic_ack(tag)
-                    self.dead += 1
-                    log.error(
-                        "Dead-lettered a message to %s.dead after %d attempts: %s",
-                        self.amqp.queue,
-                        outcome.attempts,
-                        outcome.error,
-                    )
-                else:
-                    channel.basic_nack(tag, requeue=True)
-                    log.error("The broker refused a dead letter; the message was requeued.")
-        self._close_if_idle()
 
-    def _fail_dead_pending(self) -> None:
-        """The channel closed with dead letters unconfirmed: the originals will be redelivered."""
-        self._dead_pending = {}
-        self._dead_waiting = []
-        self._dead_declaring = False
-        self._dead_ready = False
+def release(bounds: list[Bound]) -> None:
+    for bound in bounds:
+        bound.release()
 
 
 def _noop() -> None:
