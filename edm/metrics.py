@@ -73,8 +73,14 @@ BUCKETS = (
     60.0,
 )
 OUTCOMES = ("ok", "retried", "dead_lettered", "rejected")
-# The consumer's report keys, by outcome ("rejected" waits for the handler API's Reject).
-OUTCOME_KEYS = {"ok": "handled", "retried": "retried", "dead_lettered": "dead_lettered"}
+# The consumer's report keys, by outcome. Its "dead_lettered" counts every dead letter, those
+# of a Reject included: the metric's dead_lettered is what remains (out of retries).
+OUTCOME_KEYS = {
+    "ok": "handled",
+    "retried": "retried",
+    "dead_lettered": "dead_lettered",
+    "rejected": "rejected",
+}
 # What became of a fee request (the fee plugin's counters). "requests" is their sum and
 # "replayed" counts spooled fees stored later: neither is a result.
 FEE_RESULTS = ("stored", "spooled", "duplicates", "malformed", "busy")
@@ -172,10 +178,14 @@ class EdmCollector(Collector):
         yield _gauge("edm_build_info", "edm's version (the value is always 1).", {"version": __version__}, 1)
 
         messages = CounterMetricFamily(
-            "edm_messages", "Messages by outcome (ok, each retry, dead-lettered).", labels=["outcome"]
+            "edm_messages",
+            "Messages by outcome (ok, each retry, dead-lettered, rejected).",
+            labels=["outcome"],
         )
+        values = {outcome: totals.get(OUTCOME_KEYS[outcome], 0) for outcome in OUTCOMES}
+        values["dead_lettered"] -= values["rejected"]
         for outcome in OUTCOMES:
-            messages.add_metric([outcome], totals.get(OUTCOME_KEYS.get(outcome, ""), 0))
+            messages.add_metric([outcome], values[outcome])
         yield messages
 
         counts = [totals.get(f"latency.{i}", 0) for i in range(len(BUCKETS) + 1)]

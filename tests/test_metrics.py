@@ -194,6 +194,20 @@ def test_retries_and_dead_letters_are_counted_as_they_happen(make_env: Any) -> N
     assert env.cli("stop").returncode == 0
 
 
+def test_a_reject_counts_as_rejected_not_as_dead_lettered(make_env: Any) -> None:
+    env, listen = metrics_env(
+        make_env,
+        {"amqp": {"handler": "edm_class_handlers:Tagged", "handler_options": {"tag": "m"}, "max_retries": 0}},
+    )
+    env.start()
+    env.publish([b"reject this", b"fine"])
+    wait_for(lambda: messages(listen, "rejected") == 1 and messages(listen, "ok") == 1, timeout=30)
+    assert messages(listen, "dead_lettered") == 0
+    assert messages(listen, "retried") == 0
+    assert len(env.drain_queue(f"{env.queue}.dead")) == 1
+    assert env.cli("stop").returncode == 0
+
+
 def test_every_name_and_label_follows_the_prometheus_rules(make_env: Any) -> None:
     env, listen = metrics_env(make_env)
     env.start()
