@@ -52,9 +52,7 @@ FOUNDATIONS = (
 )
 
 # Import-time functions imports allowed, by (file, imported module), each with its reason.
-BEING_SPLIT = "being split (the AMQP consumer's parts); tidied after that work is merged"
 ALLOWED_LOCAL_IMPORTS = {
-    ("edm/amqp/params.py", "edm.cli.publish"): BEING_SPLIT,
     ("edm/cli/main.py", "edm.daemon.process"): "the daemon (python-daemon) loads only for start/run",
     ("edm/cli/main.py", "edm.daemon.serve"): "the supervisor and pika load only for start/run",
     ("edm/cli/main.py", "edm.cli.publish"): "pika loads only for the commands that talk to the broker",
@@ -169,7 +167,7 @@ def test_no_import_inside_a_function_but_the_allowed_ones() -> None:
             if (relative, module) not in ALLOWED_LOCAL_IMPORTS:
                 unexplained.append(f"{relative}:{line}: import {module}")
     assert unexplained == [], "imports inside functions (move them up, or allow-list them with a reason)"
-    stale = [key for key, why in ALLOWED_LOCAL_IMPORTS.items() if key not in found and why != BEING_SPLIT]
+    stale = [key for key in ALLOWED_LOCAL_IMPORTS if key not in found]
     assert stale == [], f"allow-listed imports that are gone; remove them from the list: {stale}"
 
 
