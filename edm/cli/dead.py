@@ -29,6 +29,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from edm.amqp.params import describe, insecure_tls_warning, parameters
+from edm.amqp.properties import carried_over
 from edm.config import Config
 from edm.errors import BrokerError
 from edm.logs import escape_body
@@ -229,23 +230,8 @@ def replay_properties(old: pika.BasicProperties) -> pika.BasicProperties:
     for name in (ATTEMPTS, ERROR, DELIVERY_COUNT):
         headers.pop(name, None)
     headers[REPLAYED] = previous + 1
-    return pika.BasicProperties(
-        content_type=old.content_type,
-        content_encoding=old.content_encoding,
-        headers=headers,
-        delivery_mode=old.delivery_mode or pika.DeliveryMode.Persistent,
-        priority=old.priority,
-        correlation_id=old.correlation_id,
-        reply_to=old.reply_to,
-        expiration=old.expiration,
-        message_id=old.message_id,
-        timestamp=old.timestamp,
-        type=old.type,
-        # user_id is left out: the broker checks it against the user who publishes, and the
-        # replaying user need not be the one who first published the message.
-        app_id=old.app_id,
-        cluster_id=old.cluster_id,
-    )
+    mode = old.delivery_mode or pika.DeliveryMode.Persistent.value
+    return carried_over(old, headers, delivery_mode=mode, expiration=old.expiration)
 
 
 def _letter(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
