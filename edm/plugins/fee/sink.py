@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from edm.backoff import Backoff
 from edm.db import Pending, Session
 from edm.errors import DatabaseError
 from edm.plugins.fee import store as fee_store
@@ -74,7 +75,7 @@ class Sink:
         self._process = process
         self._table_ready = False
         self._retry_at = 0.0
-        self._retry_delay = RETRY_MIN
+        self._retry = Backoff(RETRY_MIN, RETRY_MAX)
         self._count = count
 
     def prepare(self, sessions: Sequence[Session]) -> None:
@@ -166,9 +167,9 @@ class Sink:
             self._table_ready = True
 
     def _stored(self, result: fee_store.Stored) -> None:
-        if self._retry_delay > RETRY_MIN:
+        if self._retry.peek() > RETRY_MIN:
             log.info("The database answers again.")
-        self._retry_delay = RETRY_MIN
+        self._retry.reset()
         self._count("duplicates", result.duplicates)
         for repeat, kept in result.conflicts:
             log.warning(
@@ -182,8 +183,7 @@ class Sink:
             )
 
     def _database_down(self, exc: DatabaseError) -> None:
-        if self._retry_delay == RETRY_MIN:
+        if self._retry.peek() == RETRY_MIN:
             path = self._spool.path
             log.error("Cannot store fees (%s); spooling them to %s until it answers.", exc, path)
-        self._retry_at = time.monotonic() + self._retry_delay
-        self._retry_delay = min(RETRY_MAX, self._retry_delay * 2)
+        self._retry_at = time.monotonic() + self._retry.next()
