@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from pika.adapters.select_connection import IOLoop
 
+from edm.backoff import Backoff
 from edm.errors import LogWriteError
 
 PROBE_DELAY = 0.25  # seconds before the first probe of a failing log; doubles up to amqp.retry_max
@@ -42,13 +43,13 @@ class HoldOff:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ioloop = ioloop
-        self.retry_max = retry_max
         self.on_works = on_works
         self.on_change = on_change  # the reason shown may have changed
         self.clock = clock
         self.failure: LogFailure | None = None
         self.handled_at_resume = -1  # the consumer's count when it last resumed
-        self._last_delay = PROBE_DELAY
+        # not reset at a resume: a relapse goes on where the last failure's probes were
+        self._backoff = Backoff(PROBE_DELAY, retry_max)
         self._cancelled = False
 
     def begin(self, error: LogWriteError, relapse: bool) -> None:
@@ -56,7 +57,9 @@ class HoldOff:
         line fits, a message does not) goes on with the back-off where it was."""
         failure = self.failure
         if failure is None:
-            delay = self._next_delay(self._last_delay) if relapse else PROBE_DELAY
+            if not relapse:
+                self._backoff.reset()
+            delay = self._backoff.next()
             failure = self.failure = LogFailure(error, self.clock(), delay)
             self.ioloop.call_later(delay, self._probe)
         failure.error = error
@@ -79,13 +82,9 @@ class HoldOff:
             )
         except LogWriteError as exc:
             failure.error = exc
-            failure.delay = self._next_delay(failure.delay)
+            failure.delay = self._backoff.next()
             self.ioloop.call_later(failure.delay, self._probe)
             self.on_change()
             return
-        self._last_delay = failure.delay
         self.failure = None
         self.on_works()
-
-    def _next_delay(self, previous: float) -> float:
-        return min(previous * 2, max(self.retry_max, PROBE_DELAY))
