@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -252,10 +253,12 @@ def part_cpu(broker: Broker, base: Path, tag: str, reps: int) -> None:
     print(f"  2 workers / 1: {ratio:.2f}x  goal >= 1.7x: {'OK' if ratio >= 1.7 else 'MISS'}")
 
 
-def part_inline(broker: Broker, base: Path, tag: str, reps: int, before: Path) -> None:
+def part_inline(
+    broker: Broker, base: Path, tag: str, reps: int, before: Path, prefetches: tuple[int, ...] = (1, 50)
+) -> None:
     print(f"inline: threads 1, workers 1, log handler, 20,000 x 100 B; this tree vs {before}")
     print(f"  {'prefetch':>8} {'':>6} {'msg/s':>8} {'edm µs/msg':>10} {'broker µs/msg':>13}")
-    for prefetch in (1, 50):
+    for prefetch in prefetches:
         found: dict[str, list[dict[str, Any]]] = {"before": [], "now": []}
         for rep in range(reps):
             order = (("before", before), ("now", None))
@@ -307,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {','.join(PARTS)}")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--before", type=Path, default=Path("/work/wt/before"), help="checkout of the code before")
+    p.add_argument("--prefetch", default="1,50", help="inline: the prefetches to compare")
     p.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     args = p.parse_args(argv)
     parts = [part for part in args.parts.split(",") if part]
@@ -323,12 +327,20 @@ def main(argv: list[str] | None = None) -> int:
         if "cpu" in parts:
             part_cpu(broker, base, tag, args.reps)
         if "inline" in parts:
-            part_inline(broker, base, tag, args.reps, args.before.resolve())
+            part_inline(
+                broker,
+                base,
+                tag,
+                args.reps,
+                args.before.resolve(),
+                tuple(int(x) for x in args.prefetch.split(",")),
+            )
         if "rss" in parts:
             part_rss(broker, base, tag)
     finally:
         for problem in broker.cleanup():
             print(f"cleanup: {problem}", file=sys.stderr)
+        shutil.rmtree(base, ignore_errors=True)
     return 0
 
 
