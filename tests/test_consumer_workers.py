@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import urllib.request
+from collections import Counter
 from typing import Any
 
 from conftest import EdmEnv, free_port, wait_for
@@ -97,3 +99,36 @@ def test_a_reload_changes_the_number_of_consumer_processes(edm_env: EdmEnv) -> N
     edm_env.publish([b"after the reloads"])
     wait_for(lambda: "after the reloads" in edm_env.bodies_logged())
     assert "The consumer-3 worker stopped (no longer configured)." in edm_env.log_text()
+
+
+def test_a_reload_changes_workers_and_threads_together_during_a_stream(edm_env: EdmEnv) -> None:
+    # Given one consumer process with one thread and a stream of 900 messages of 10 ms
+    edm_env.doc["amqp"].update(handler="edm_thread_handlers:sleepy", workers=1, threads=1)
+    edm_env.write_config()
+    main = edm_env.start()
+    bodies = [f"sleep=0.01 job {i}" for i in range(900)]
+    publisher = threading.Thread(target=edm_env.publish, args=([b.encode() for b in bodies],))
+    publisher.start()
+
+    def running(names: list[str], threads: int) -> bool:
+        found = workers(edm_env)
+        return all_consuming(edm_env, names) and all(found[n].get("threads") == threads for n in names)
+
+    # When a reload raises both to 3 processes of 4 threads, and a later one lowers them to 2 × 1
+    for count, threads, after in ((3, 4, 100), (2, 1, 400)):
+        wait_for(lambda a=after: len(edm_env.bodies_logged()) >= a, timeout=60)
+        edm_env.doc["amqp"].update(workers=count, threads=threads)
+        edm_env.write_config()
+        assert edm_env.cli("reload").returncode == 0
+        wait_for(lambda c=count, t=threads: running(NAMES[:c], t), timeout=30)
+    publisher.join(timeout=60)
+
+    # Then every message is logged exactly once, and the main process is the same
+    wait_for(lambda: len(set(edm_env.bodies_logged())) == 900 and edm_env.queue_depth() == 0, timeout=60)
+    logged = edm_env.bodies_logged()
+    assert sorted(set(logged)) == sorted(bodies)
+    assert len(logged) == 900, Counter(b for b in logged if logged.count(b) > 1)
+    assert edm_env.main_pid() == main
+    log = edm_env.log_text()
+    assert "4 handler threads" in log and "The consumer-3 worker stopped (no longer configured)." in log
+    assert edm_env.cli("stop").returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -274,12 +275,17 @@ def test_stop_that_has_to_sigkill_says_so(edm_env: EdmEnv) -> None:
     write_stop_record(record, StopRecord(main + 100000, (Killed("plugins", 1, 9.0),)))
     edm_env.publish([b"sleep=30 stuck"])
     wait_for(lambda: "The slow handler started on b'sleep=30 stuck'" in edm_env.log_text())
+    wait_for(lambda: edm_env.state()["workers"]["consumer"].get("busy") == 1)
     worker = edm_env.worker_pid()
     result = edm_env.cli("stop")
     assert result.returncode == 0
-    message = f"The consumer worker (pid {worker}) did not stop within 1 s; sending SIGKILL."
-    assert result.stderr == f"edm: {message}\n"
-    assert f"WARNING {message}" in edm_env.log_text()
+    # the handler runs inline, in the worker's main thread: the warning names it
+    message = re.compile(
+        rf"The consumer worker \(pid {worker}\) did not stop within 1 s; "
+        r"still in a handler: MainThread \(handling for [1-9]\d* s\); sending SIGKILL\."
+    )
+    assert message.fullmatch(result.stderr.removeprefix("edm: ").rstrip("\n")), result.stderr
+    assert re.search(rf"WARNING {message.pattern}", edm_env.log_text())
     assert not edm_env.pidfile.exists()
     assert not record.exists()  # read by this stop, then removed
     # the message that was in hand was never acked: it is back in the queue
@@ -324,11 +330,18 @@ def test_serve_reports_already_running_as_a_structured_reply(edm_env: EdmEnv) ->
 def test_stop_record_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "edm.stopped.json"
     assert read_stop_record(path) is None
-    record = StopRecord(12, (Killed("consumer", 13, 1.5), Killed("plugins", 14, 30.0)))
+    hung = ("edm-handler-3 (handling for 31 s)",)
+    record = StopRecord(
+        12, (Killed("consumer", 13, 1.5), Killed("plugins", 14, 30.0), Killed("consumer-2", 15, 30.0, hung))
+    )
     write_stop_record(path, record)
     assert read_stop_record(path) == record
     assert (
         record.killed[0].message == "The consumer worker (pid 13) did not stop within 1.5 s; sending SIGKILL."
+    )
+    assert record.killed[2].message == (
+        "The consumer-2 worker (pid 15) did not stop within 30 s; "
+        "still in a handler: edm-handler-3 (handling for 31 s); sending SIGKILL."
     )
     path.write_text('{"pid": 12, "killed": [{"worker": "consumer"}]}')
     assert read_stop_record(path) is None

@@ -84,6 +84,30 @@ def test_status_json_while_consuming(edm_env: EdmEnv) -> None:
     assert edm_env.cli("stop").returncode == 0
 
 
+def test_status_shows_how_many_handler_threads_are_busy(edm_env: EdmEnv) -> None:
+    # Given 4 handler threads and 2 messages whose handler takes a while
+    edm_env.doc["amqp"].update(handler="edm_thread_handlers:sleepy", threads=4)
+    edm_env.write_config()
+    edm_env.start()
+    idle = status_json(edm_env)["workers"]["consumer"]
+    assert (idle["threads"], idle["busy"]) == (4, 0)
+    edm_env.publish([b"sleep=8 first", b"sleep=8 second"])
+
+    # Then while both are in hand, status --json and status say 2 of the 4 are busy
+    def busy() -> dict[str, Any] | None:
+        consumer = status_json(edm_env)["workers"]["consumer"]
+        return consumer if consumer["busy"] == 2 else None
+
+    consumer = wait_for(busy, timeout=6, interval=0.2)
+    assert consumer["threads"] == 4
+    line = [line for line in edm_env.cli("status").stdout.splitlines() if line.startswith("  consumer:")]
+    assert len(line) == 1 and ", consuming, 2 of 4 threads busy, handled 0," in line[0], line
+    # and once they are done, none is
+    wait_for(lambda: status_json(edm_env)["workers"]["consumer"]["busy"] == 0, timeout=15, interval=0.2)
+    assert status_json(edm_env)["workers"]["consumer"]["handled"] == 2
+    assert edm_env.cli("stop").returncode == 0
+
+
 def test_status_json_after_the_worker_is_killed(edm_env: EdmEnv) -> None:
     pid = edm_env.start()
     first = status_json(edm_env)["workers"]["consumer"]
@@ -169,6 +193,25 @@ def test_describe_a_consumer_backing_off() -> None:
     lines = describe(doc, now)
     assert lines[0] == "  uptime: 01:02:05"
     assert lines[1] == "  consumer: RUNNING, pid 11, backing off, handled 7, restarts 2, queue email"
+
+
+def test_describe_consumer_processes_with_their_threads() -> None:
+    now = 1_000_000.0
+    state = _state(now, threads=1, busy=1)
+    state["workers"]["consumer-2"] = {
+        "pid": 13,
+        "state": "RUNNING",
+        "activity": "consuming",
+        "threads": 8,
+        "busy": 3,
+    }
+    state["workers"]["consumer-3"] = {"pid": None, "state": "BACKOFF", "threads": 8, "busy": 8}
+    doc = document("running", 10, 0, state, now)
+    assert [(w["threads"], w["busy"]) for w in doc["workers"].values()] == [(1, 1), (8, 3), (8, 8)]
+    lines = describe(doc, now)
+    assert lines[1] == "  consumer: RUNNING, pid 11, backing off, 1 of 1 thread busy"
+    assert lines[2] == "  consumer-2: RUNNING, pid 13, consuming, 3 of 8 threads busy"
+    assert lines[3] == "  consumer-3: BACKOFF"  # a dead process runs no handler, whatever it last said
 
 
 def test_describe_the_fee_plugin() -> None:

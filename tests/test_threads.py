@@ -91,3 +91,38 @@ def test_reload_from_one_thread_to_four_and_back_during_a_stream(edm_env: EdmEnv
     assert "4 handler threads" in edm_env.log_text()
     assert edm_env.main_pid() == pid
     assert edm_env.cli("stop").returncode == 0
+
+
+def test_a_stop_past_the_timeout_names_the_hung_handler_threads(edm_env: EdmEnv) -> None:
+    # Given 4 handler threads, two of them stuck in a handler far longer than daemon.stop_timeout
+    edm_env.doc["daemon"]["stop_timeout"] = 2
+    configure(edm_env, threads=4)
+    edm_env.start()
+    edm_env.publish([b"sleep=60 stuck 1", b"sleep=60 stuck 2"])
+    wait_for(
+        lambda: (
+            sorted(body for kind, body in events(edm_env) if kind == "start")
+            == [
+                "sleep=60 stuck 1",
+                "sleep=60 stuck 2",
+            ]
+        )
+    )
+    hung = sorted(m[2] for m in map(STARTED.search, edm_env.log_text().splitlines()) if m)
+    # the main process knows of both from the worker's state reports
+    wait_for(lambda: edm_env.state()["workers"]["consumer"].get("busy") == 2)
+    worker = edm_env.worker_pid()
+    # When edm is stopped
+    result = edm_env.cli("stop")
+    assert result.returncode == 0, result.stderr
+    # Then the SIGKILL warning names each hung thread and how long it has been handling
+    named = re.compile(
+        rf"The consumer worker \(pid {worker}\) did not stop within 2 s; still in a handler: "
+        rf"{hung[0]} \(handling for (\d+) s\), {hung[1]} \(handling for (\d+) s\); sending SIGKILL\."
+    )
+    warning = named.search(edm_env.log_text())
+    assert warning, edm_env.log_text()
+    assert all(2 <= int(seconds) <= 10 for seconds in warning.groups())
+    assert named.search(result.stderr), result.stderr  # `edm stop` says the same
+    # and the two messages were never acked: they are back in the queue
+    wait_for(lambda: edm_env.queue_depth() == 2)

@@ -187,6 +187,8 @@ class Consumer:
             "latency": self.latency.report(),
             "threads": self.amqp.threads,
             "busy": self._pool.busy if self._pool is not None else int(self._keeper.busy_since is not None),
+            # [thread name, wall time its handler began]: the main process names them if it must kill
+            "handling": self._handling(),
             "connected": self._link.open,
             "queue": self.amqp.queue,
             "queue_depth": self.queue_depth,
@@ -194,6 +196,14 @@ class Consumer:
             "broker": mask_url(url) if url else None,
             "since": self.since,
         }
+
+    def _handling(self) -> list[list[Any]]:
+        if self._pool is not None:
+            return [[name, since] for name, since in self._pool.handling()]
+        began = self._keeper.busy_since  # the inline handler, in the main thread
+        if began is None:
+            return []
+        return [[threading.main_thread().name, time.time() - (time.monotonic() - began)]]
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ class Pool:
         self.ioloop = ioloop
         self.done = done
         self.in_hand = 0  # submitted and not yet done; read and written on the I/O thread only
-        self._busy = 0  # running a handler now
+        self._since: dict[str, float] = {}  # thread name -> wall time its handler call began
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._threads = [
@@ -71,7 +71,14 @@ class Pool:
 
     @property
     def busy(self) -> int:
-        return self._busy
+        """How many threads run a handler now."""
+        return len(self._since)
+
+    def handling(self) -> list[tuple[str, float]]:
+        """(thread name, wall time its handler call began) for each thread running one, by name."""
+        with self._lock:
+            found = list(self._since.items())
+        return sorted(found, key=lambda item: (len(item[0]), item[0]))
 
     def start(self) -> None:
         for thread in self._threads:
@@ -114,6 +121,7 @@ class Pool:
                     )
 
     def _work(self, bound: Bound) -> None:
+        name = threading.current_thread().name
         try:
             while True:
                 job = self._jobs.get()
@@ -121,12 +129,12 @@ class Pool:
                     return
                 generation, tag, message = job
                 with self._lock:
-                    self._busy += 1
+                    self._since[name] = time.time()
                 try:
                     outcome, seconds = call(bound.call, message, self.amqp)
                 finally:
                     with self._lock:
-                        self._busy -= 1
+                        del self._since[name]
                 self.ioloop.add_callback_threadsafe(
                     partial(self._finish, generation, tag, message, outcome, seconds)
                 )

@@ -26,6 +26,8 @@ WORKER_KEYS = (
     "broker",
     "queue",
     "queue_depth",
+    "threads",  # a consumer's handler threads (amqp.threads); null for the plugins worker
+    "busy",  # how many of them run a handler now
 )
 PLUGIN_ORDER = (
     "requests",
@@ -90,6 +92,9 @@ def describe(doc: dict[str, Any], now: float | None = None) -> list[str]:
             parts.append(f"pid {w['pid']}")
         if w["activity"]:
             parts.append(str(w["activity"]))
+        if w["threads"] is not None and w["pid"]:
+            threads = w["threads"]
+            parts.append(f"{w['busy'] or 0} of {threads} thread{'' if threads == 1 else 's'} busy")
         for key in ("handled", "dead_lettered", "restarts"):
             if w[key] is not None:
                 parts.append(f"{key.replace('_', ' ')} {w[key]}")

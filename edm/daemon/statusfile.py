@@ -48,11 +48,27 @@ class Killed:
     worker: str
     pid: int
     timeout: float
+    hung: tuple[str, ...] = ()  # its handler threads still busy, e.g. "edm-handler-3 (handling for 31 s)"
 
     @property
     def message(self) -> str:
         within = f"{self.timeout:g} s"
-        return f"The {self.worker} worker (pid {self.pid}) did not stop within {within}; sending SIGKILL."
+        text = f"The {self.worker} worker (pid {self.pid}) did not stop within {within}"
+        if self.hung:
+            text += "; still in a handler: " + ", ".join(self.hung)
+        return text + "; sending SIGKILL."
+
+
+def hung_threads(handling: Any, now: float) -> tuple[str, ...]:
+    """``edm-handler-3 (handling for 31 s)`` for each [thread, wall time begun] a worker reported."""
+    found = []
+    for item in handling if isinstance(handling, list) else []:
+        try:
+            name, began = str(item[0]), float(item[1])
+        except (IndexError, TypeError, ValueError):
+            continue
+        found.append(f"{name} (handling for {max(now - began, 0):.0f} s)")
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -62,7 +78,9 @@ class StopRecord:
 
 
 def write_stop_record(path: Path, record: StopRecord) -> None:
-    killed = [{"worker": k.worker, "pid": k.pid, "timeout": k.timeout} for k in record.killed]
+    killed = [
+        {"worker": k.worker, "pid": k.pid, "timeout": k.timeout, "hung": list(k.hung)} for k in record.killed
+    ]
     _write_json(path, {"pid": record.pid, "killed": killed})
 
 
@@ -72,7 +90,10 @@ def read_stop_record(path: Path) -> StopRecord | None:
     if not isinstance(data, dict):
         return None
     try:
-        killed = tuple(Killed(str(k["worker"]), int(k["pid"]), float(k["timeout"])) for k in data["killed"])
+        killed = tuple(
+            Killed(str(k["worker"]), int(k["pid"]), float(k["timeout"]), tuple(map(str, k.get("hung", ()))))
+            for k in data["killed"]
+        )
         return StopRecord(int(data["pid"]), killed)
     except (KeyError, TypeError, ValueError):
         return None

@@ -25,6 +25,7 @@ from edm.daemon.spawn import EXIT_BOOT, STATE_INTERVAL, Command, Event, WorkerMa
 from edm.daemon.statusfile import (
     Killed,
     StopRecord,
+    hung_threads,
     remove,
     report_path,
     stop_record_path,
@@ -219,8 +220,7 @@ class Supervisor:
             elif worker.promote(now):
                 self._next_report = 0.0  # publish the transition at once
             elif worker.pid is not None and worker.stop_deadline is not None and now >= worker.stop_deadline:
-                timeout = self.config.daemon.stop_timeout
-                log.warning("%s", Killed(worker.name, worker.pid, timeout).message)
+                log.warning("%s", self._killed(worker).message)
                 worker.stop_deadline = None
                 _kill(worker.pid, signal.SIGKILL)  # reaped by the loop
 
@@ -292,7 +292,7 @@ class Supervisor:
         killed = []
         for worker in self.workers.values():
             if worker.pid is not None:
-                victim = Killed(worker.name, worker.pid, timeout)
+                victim = self._killed(worker)
                 log.warning("%s", victim.message)
                 killed.append(victim)
                 _kill(worker.pid, signal.SIGKILL)
@@ -310,6 +310,13 @@ class Supervisor:
         self.exporter.stop()
         log.info("edm stopped (pid %d).", os.getpid())
         return 0
+
+    def _killed(self, worker: Worker) -> Killed:
+        """What to say of a worker about to be killed, naming its handler threads still busy
+        (from its last state report, at most STATE_INTERVAL old)."""
+        assert worker.pid is not None
+        hung = hung_threads(worker.info.get("handling"), time.time())
+        return Killed(worker.name, worker.pid, self.config.daemon.stop_timeout, hung)
 
     # -- status --------------------------------------------------------------------------------
 
