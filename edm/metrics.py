@@ -24,6 +24,7 @@ carry their counters over the worker's channel once a second.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 from bisect import bisect_left
@@ -84,6 +85,10 @@ OUTCOME_KEYS = {
 # What became of a fee request (the fee plugin's counters). "requests" is their sum and
 # "replayed" counts spooled fees stored later: neither is a result.
 FEE_RESULTS = ("stored", "spooled", "duplicates", "malformed", "busy")
+# The smtp handler's replies by code, in a consumer's report: {"smtp_replies": {"250": 3}}.
+# The labels are bounded by the handler (3-digit codes, "timeout", "connection", "other").
+SMTP_REPLIES = "smtp_replies"
+SMTP_REPLY_LABEL = re.compile(r"^(?:[2-5][0-9][0-9]|timeout|connection|other)$")
 STATES = ("STARTING", "RUNNING", "BACKOFF", "FATAL", "STOPPING", "STOPPED")
 PLAIN = "text/plain; charset=utf-8"
 
@@ -126,6 +131,11 @@ def counters_of(info: dict[str, Any]) -> dict[str, float]:
         for result in FEE_RESULTS:
             if _is_number(fee.get(result)):
                 found[f"fee.{result}"] = fee[result]
+    replies = info.get(SMTP_REPLIES)
+    if isinstance(replies, dict):
+        for code, count in replies.items():
+            if isinstance(code, str) and SMTP_REPLY_LABEL.match(code) and _is_number(count):
+                found[f"smtp.{code}"] = count
     return found
 
 
@@ -226,6 +236,17 @@ class EdmCollector(Collector):
             yield GaugeMetricFamily(
                 "edm_queue_messages_ready", "Messages ready in the consumed queue (polled).", value=depth
             )
+
+        codes = sorted(key[len("smtp.") :] for key in totals if key.startswith("smtp."))
+        if codes:
+            replies = CounterMetricFamily(
+                "edm_smtp_replies",
+                "SMTP replies that decided a message or recipient, by code (or timeout, connection).",
+                labels=["code"],
+            )
+            for code in codes:
+                replies.add_metric([code], totals[f"smtp.{code}"])
+            yield replies
 
         fee = _fee_status(workers)
         if fee is not None or any(key.startswith("fee.") for key in totals):

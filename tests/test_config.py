@@ -213,4 +213,4 @@ def test_usage_errors_exit_2(edm_env: EdmEnv) -> None:
 
 def test_yaml_dump_of_shipped_config_has_every_key() -> None:
     shipped = yaml.safe_load((ROOT / "config" / "mq.yaml").read_text())
-    assert set(shipped) == {"amqp", "log", "daemon", "database", "plugins", "metrics"}
+    assert set(shipped) == {"amqp", "log", "daemon", "database", "plugins", "metrics", "smtp"}

@@ -35,7 +35,7 @@ from edm.metrics import BUCKETS, FEE_RESULTS, Exporter, Latency, Ledger, View, h
 NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # Every label edm exports: small, bounded sets (no queue names, no message ids).
-LABELS = {"outcome", "worker", "state", "version", "result", "le"}
+LABELS = {"outcome", "worker", "state", "version", "result", "le", "code"}
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -113,6 +113,34 @@ def test_the_ledger_keeps_a_dead_workers_counts() -> None:
     ledger.bank("consumer")
     ledger.bank("consumer")  # dying twice without a report adds nothing
     assert ledger.totals()["handled"] == 13
+
+
+def test_smtp_replies_are_counted_by_code_and_only_bounded_labels_pass() -> None:
+    ledger = Ledger()
+    ledger.report("consumer", {"handled": 2, "smtp_replies": {"250": 2, "550": 1}})
+    ledger.bank("consumer")
+    ledger.report("consumer", {"handled": 1, "smtp_replies": {"250": 1, "timeout": 1}})
+    ledger.report("consumer-2", {"smtp_replies": {"250": 4, "<script>": 9, "999": 1, "connection": "x"}})
+    totals = ledger.totals()
+    assert {k: v for k, v in totals.items() if k.startswith("smtp.")} == {
+        "smtp.250": 7,
+        "smtp.550": 1,
+        "smtp.timeout": 1,
+    }
+    exporter = Exporter()
+    exporter.ledger = ledger
+    exporter.publish({"workers": {}})
+    text = generate_latest(exporter.registry).decode()
+    assert 'edm_smtp_replies_total{code="250"} 7.0' in text
+    assert 'edm_smtp_replies_total{code="timeout"} 1.0' in text
+    assert "999" not in text and "script" not in text
+
+
+def test_no_smtp_metric_without_smtp_replies() -> None:
+    exporter = Exporter()
+    exporter.ledger.report("consumer", {"handled": 1})
+    exporter.publish({"workers": {}})
+    assert "edm_smtp_replies" not in generate_latest(exporter.registry).decode()
 
 
 def test_latency_buckets_span_microseconds_to_a_minute() -> None:

@@ -37,7 +37,7 @@ import pytest
 import yaml
 from conftest import ROOT, EdmEnv, alive, wait_for
 
-from edm.config import AmqpConfig, DaemonConfig, DatabaseConfig, LogConfig, MetricsConfig, parse
+from edm.config import AmqpConfig, DaemonConfig, DatabaseConfig, LogConfig, MetricsConfig, SmtpConfig, parse
 from edm.plugins.fee.config import FeeConfig
 
 README = ROOT / "README.md"
@@ -54,7 +54,11 @@ SECTIONS = {
     "database": DatabaseConfig,
     "plugins.fee": FeeConfig,
     "metrics": MetricsConfig,
+    "smtp": SmtpConfig,
 }
+# A field whose YAML key differs (``from`` is a Python keyword), and fields that are no keys.
+YAML_KEYS = {"smtp.sender": "smtp.from"}
+NOT_KEYS = {"smtp.templates_seen"}
 
 
 @dataclass(frozen=True)
@@ -293,7 +297,8 @@ def reference_rows() -> dict[str, str]:
 
 
 def code_keys() -> set[str]:
-    return {f"{prefix}.{f.name}" for prefix, cls in SECTIONS.items() for f in fields(cls)}
+    named = {f"{prefix}.{f.name}" for prefix, cls in SECTIONS.items() for f in fields(cls)}
+    return {YAML_KEYS.get(key, key) for key in named - NOT_KEYS}
 
 
 def flatten(doc: dict[str, Any]) -> dict[str, Any]:

@@ -24,10 +24,12 @@ from smtpserver import SmtpServer
 
 from edm.config import SMTP_OPTION, SmtpConfig
 from edm.errors import ConfigError
+from edm.handlers import counters
 from edm.handlers.api import Message, Reject, Retry
 from edm.handlers.log import MessageLog, use
 from edm.handlers.smtp import RejectCopy, RetryCopy, SmtpHandler
 from edm.handlers.smtp.journal import Journal
+from edm.handlers.smtp.replies import REPORT_KEY
 from edm.logs import DailyLog
 
 JOB = {
@@ -584,3 +586,38 @@ def test_lines_that_start_with_a_dot_arrive_as_written(
     text = ".\n.leading dot\n..two dots\nend.\n"
     handlers(server)(message(body(text=text)))
     assert content(server.script.received[0].message) == text
+
+
+# -- the replies counted for edm_smtp_replies_total ------------------------------------------------
+
+
+def counted_since(before: dict[str, int]) -> dict[str, int]:
+    now = counters.report().get(REPORT_KEY, {})
+    return {code: n - before.get(code, 0) for code, n in now.items() if n != before.get(code, 0)}
+
+
+def test_each_deciding_reply_is_counted_by_code_and_no_reply_as_timeout_or_connection(
+    servers: Callable[..., SmtpServer], handlers: Callable[..., SmtpHandler]
+) -> None:
+    server = servers()
+    server.script.replies = {
+        "zoe@example.com": ["450 4.2.0 mailbox busy"],
+        "b@example.com": ["550 5.1.1 no such user"],
+    }
+    handler = handlers(server)
+    before = counters.report().get(REPORT_KEY, {})
+    with pytest.raises(Retry):
+        handler(message(body()))  # 450 at RCPT
+    handler(message(body()))  # then 250 at the end of DATA
+    with pytest.raises(RejectCopy):
+        handler(message(body(to=["a@example.com", "b@example.com"], id="two")))  # 550 for one, 250
+    assert counted_since(before) == {"450": 1, "250": 2, "550": 1}
+
+    slow = servers()
+    slow.script.delay = 3.0
+    before = counters.report().get(REPORT_KEY, {})
+    with pytest.raises(Retry):
+        handlers(slow, timeout=0.5)(message(body(id="slow")))
+    with pytest.raises(Retry):
+        handlers(SmtpServer(free_port()))(message(body(id="nobody")))  # nothing listening
+    assert counted_since(before) == {"timeout": 1, "connection": 1}

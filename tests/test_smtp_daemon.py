@@ -6,12 +6,14 @@ import json
 import os
 import random
 import signal
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from conftest import AMQP_URL, EdmEnv, alive, free_port, wait_for
 from netutil import TcpProxy
+from prometheus_client.parser import text_string_to_metric_families
 from smtpserver import SmtpServer
 
 
@@ -163,3 +165,41 @@ def test_500_jobs_and_three_kills_send_each_message_once_but_one_per_kill(
     )
     ids = server.script.message_ids()
     assert len(ids) - len(set(ids)) <= 3, sorted(i for i in set(ids) if ids.count(i) > 1)
+
+
+def smtp_replies(listen: str) -> dict[str, float]:
+    """``edm_smtp_replies_total`` by code, from one scrape of the daemon's /metrics."""
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        sample.labels["code"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "edm_smtp_replies"
+        for sample in family.samples
+        if sample.name == "edm_smtp_replies_total"
+    }
+
+
+def test_smtp_replies_are_exported_by_code_and_survive_a_killed_worker(
+    smtp_env: EdmEnv, server: SmtpServer
+) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    smtp_env.doc["metrics"] = {"listen": listen}
+    smtp_env.write_config()
+    server.script.replies = {"gone@example.com": ["550 5.1.1 <gone@example.com>: no such user"]}
+    smtp_env.start()
+    # Given three jobs sent (250 each) and one refused for good (550 at RCPT)
+    smtp_env.publish([job(id=f"m-{n}") for n in range(3)] + [job(to="gone@example.com", id="gone")])
+    wait_for(lambda: smtp_replies(listen) == {"250": 3, "550": 1}, timeout=30)
+    assert len(server.script.received) == 3
+    assert len(dead_letters(smtp_env, 1)) == 1
+    # When the consumer is killed, the counts stay and go on from there
+    worker = smtp_env.worker_pid()
+    assert worker is not None
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: smtp_env.worker_pid() not in (None, worker), timeout=30)
+    smtp_env.wait_consuming()
+    assert smtp_replies(listen) == {"250": 3, "550": 1}
+    smtp_env.publish([job(id="after-the-kill")])
+    wait_for(lambda: smtp_replies(listen) == {"250": 4, "550": 1}, timeout=30)
+    assert smtp_env.cli("stop").returncode == 0

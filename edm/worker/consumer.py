@@ -17,6 +17,7 @@ from edm.amqp.consumer import Consumer
 from edm.config import Config
 from edm.daemon.spawn import Event, send_event
 from edm.errors import EdmError
+from edm.handlers import counters
 from edm.handlers import loader as handler_loader
 from edm.handlers.log import MessageLog, use
 from edm.logs import DailyLog
@@ -68,13 +69,18 @@ class ConsumerService:
         return new, None
 
     def snapshot(self) -> dict[str, Any]:
-        return self.consumer.snapshot()
+        return report(self.consumer.snapshot())
 
     def failure(self) -> str | None:
         return None  # the consumer reconnects by itself; a dead one is a dead process
 
     def close(self) -> None:
         log.info("The consumer stopped (%d messages handled).", self.consumer.handled)
+
+
+def report(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The consumer's snapshot and the handlers' counts (e.g. ``smtp_replies``): every report has both."""
+    return {**snapshot, **counters.report()}
 
 
 def handlers(config: Config) -> handler_loader.HandlerFactory:
@@ -87,7 +93,9 @@ def consumer_main(config: Config, conn: Connection) -> int:
     def start(daily: DailyLog) -> tuple[Service, Reactor]:
         sink = MessageLog(daily, config.log.max_line)
         use(sink)
-        consumer = Consumer(config.amqp, handlers(config), lambda snap: send_event(conn, Event.STATE, **snap))
+        consumer = Consumer(
+            config.amqp, handlers(config), lambda snap: send_event(conn, Event.STATE, **report(snap))
+        )
         return ConsumerService(consumer, sink), ConsumerReactor(consumer)
 
     return boot(conn, config, start)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from edm.config import SmtpConfig
+from edm.handlers.smtp.replies import CONNECTION, TIMEOUT, count
 from edm.redact import mask_url
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,10 @@ class Session:
             else:
                 smtp = smtplib.SMTP(self.host, self.port, local_hostname=self._helo, timeout=s.timeout)
         except ssl.SSLCertVerificationError as exc:
+            count(CONNECTION)
             raise Temporary(f"TLS to {self.where}: certificate not trusted: {exc.verify_message}") from None
         except (smtplib.SMTPException, OSError) as exc:
+            _count(exc)
             raise Temporary(f"cannot connect to {self.where}: {_describe(exc)}") from None
         try:
             self._greet(smtp)
@@ -119,6 +122,7 @@ class Session:
         try:
             code, text = smtp.ehlo()
             if code != 250:
+                count(code)
                 raise Temporary(f"EHLO at {self.where}: {reply_text(code, text)}")
             if not self.smtps and s.starttls != "never":
                 if smtp.has_extn("starttls"):
@@ -129,17 +133,21 @@ class Session:
             if self.user is not None:
                 self._login(smtp, self.user, self.password)
         except ssl.SSLCertVerificationError as exc:
+            count(CONNECTION)
             raise Temporary(
                 f"STARTTLS with {self.where}: certificate not trusted: {exc.verify_message}"
             ) from None
         except smtplib.SMTPAuthenticationError as exc:
+            count(exc.smtp_code)
             reply = reply_text(exc.smtp_code, exc.smtp_error)
             raise Temporary(f"AUTH as {self.user} at {self.where} failed: {reply} (smtp.url)") from None
         except smtplib.SMTPNotSupportedError:
             raise Temporary(f"{self.where} offers no AUTH the user of smtp.url could use") from None
         except smtplib.SMTPResponseException as exc:
+            count(exc.smtp_code)
             raise Temporary(f"{self.where}: {reply_text(exc.smtp_code, exc.smtp_error)}") from None
         except (smtplib.SMTPException, OSError) as exc:
+            _count(exc)
             raise Temporary(f"{self.where}: {_describe(exc)}") from None
 
     @staticmethod
@@ -208,6 +216,7 @@ class Session:
         try:
             return self._transaction(smtp, step, sender, recipients, data)
         except (smtplib.SMTPServerDisconnected, smtplib.SMTPResponseException, OSError) as exc:
+            _count(exc)
             self._drop()
             raise _Lost(f"{step.name} at {self.where}: {_describe(exc)}", step.name != "MAIL FROM") from None
         except _Lost:
@@ -264,6 +273,8 @@ class Session:
 
     def _mail(self, smtp: smtplib.SMTP, sender: str, reply: tuple[int, bytes]) -> None:
         code, text = reply
+        if code >= 400 or code < 0:
+            count(code if code > 0 else CONNECTION)
         if code == 421 or code < 0:
             raise _Lost(f"MAIL FROM at {self.where}: {reply_text(code, text)}")
         if code >= 400:
@@ -273,6 +284,8 @@ class Session:
 
     def _rcpt(self, delivery: Delivery, rcpt: str, reply: tuple[int, bytes]) -> None:
         code, text = reply
+        if code not in (250, 251):
+            count(code if code > 0 else CONNECTION)
         if code == 421 or code < 0:
             raise _Lost(f"RCPT TO at {self.where}: {reply_text(code, text)}", started=True)
         if code in (250, 251):
@@ -285,6 +298,7 @@ class Session:
     def _end(self, smtp: smtplib.SMTP, delivery: Delivery, reply: tuple[int, bytes]) -> Delivery:
         """The reply to the end of DATA: the delivery, or why not."""
         code, text = reply
+        count(code if code > 0 else CONNECTION)
         if code == 421 or code < 0:
             raise _Lost(f"DATA at {self.where}: {reply_text(code, text)}", started=True)
         if code != 250:
@@ -321,9 +335,23 @@ def _bytes(text: bytes | str) -> bytes:
     return text if isinstance(text, bytes) else text.encode("utf-8", "replace")
 
 
+def _count(exc: BaseException) -> None:
+    """Count what ended a step without a reply to parse: the server's code, a timeout, or no reply."""
+    if isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code > 0:
+        count(exc.smtp_code)
+    elif _timed_out(exc):
+        count(TIMEOUT)
+    else:
+        count(CONNECTION)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError) or "timed out" in str(exc)
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, smtplib.SMTPResponseException):
         return reply_text(exc.smtp_code, exc.smtp_error)
-    if isinstance(exc, TimeoutError) or "timed out" in str(exc):
+    if _timed_out(exc):
         return f"no answer within smtp.timeout ({exc})"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
