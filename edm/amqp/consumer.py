@@ -37,7 +37,7 @@ from edm.amqp.fastlane import Lane, LaneConnection, decode_properties
 from edm.amqp.holdoff import HoldOff
 from edm.amqp.ioloop import FlushingIOLoop, io_loop
 from edm.amqp.keeper import Keeper, slow_after
-from edm.amqp.outcomes import OK, Outcome, Settler, Tally, judge
+from edm.amqp.outcomes import OK, Outcome, Settler, Tally, judge, window
 from edm.amqp.params import describe, insecure_tls_warning
 from edm.amqp.pool import Pool
 from edm.amqp.topology import Helpers, MainDeclaration
@@ -313,10 +313,8 @@ class Consumer:
 
     def _on_declared(self, declared: pika.frame.Method) -> None:
         self._on_depth(declared)
-        assert self._channel is not None and self._settler is not None
-        self._settler.start()
-        prefetch = max(self.amqp.prefetch, self.amqp.threads)  # a message for every thread
-        self._channel.basic_qos(prefetch_count=prefetch, callback=self._on_qos)
+        assert self._settler is not None
+        self._settler.start(self._on_qos)
 
     def _on_qos(self, _frame: pika.frame.Method) -> None:
         """Consume once the helper queues are declared (or failed), but never wait long for them.
@@ -359,7 +357,7 @@ class Consumer:
             a.queue,
             a.exchange,
             a.routing_key,
-            max(a.prefetch, a.threads),
+            window(a),
             f", {a.threads} handler threads" if a.threads > 1 else "",
         )
         self._set_state(State.CONSUMING)
