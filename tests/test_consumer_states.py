@@ -269,7 +269,7 @@ class Rig:
 
     def handle(self) -> None:
         self.consumer._running = True
-        self.consumer._handle_deliveries()
+        self.consumer._flow.handle()
 
 
 def _open(rig: Rig) -> FakeChannel:
@@ -622,7 +622,7 @@ def test_handler_threads_run_messages_side_by_side_and_ack_on_the_io_thread() ->
         for tag, body in enumerate([b"a", b"b", b"bad", b"c"], start=1):
             channel.deliver(tag, body)
         rig.consumer._running = True
-        rig.consumer._dispatch()
+        rig.consumer._flow.dispatch()
         # Then all four run at once, each in its own thread, nothing acked meanwhile
         for _ in range(4):
             assert started.acquire(timeout=5)
