@@ -33,6 +33,7 @@ from pika.adapters.select_connection import IOLoop
 
 from edm.amqp.connection import ConnectionFactory, Link, State
 from edm.amqp.deliveries import Deliveries, build, release
+from edm.amqp.depth import QueueDepth
 from edm.amqp.fastlane import Lane, LaneConnection
 from edm.amqp.holdoff import HoldOff
 from edm.amqp.ioloop import io_loop
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], None]
 
-DEPTH_INTERVAL = 5.0  # seconds between passive declares that read the queue's depth for status
 HELPERS_WAIT = 2.0  # seconds the first consume waits at most for the helper queues' declaration
 
 
@@ -100,8 +100,7 @@ class Consumer:
         )
         self._hold = HoldOff(self.ioloop, amqp.retry_max, self._on_log_works, self._show)
         self.since = time.time()
-        self.queue_depth: int | None = None  # messages ready in the queue; None while unknown
-        self._depth_asked = False
+        self._depth = QueueDepth(self.ioloop, self._depth_target)
         self._withheld = -1  # the channel generation whose consume waits for the log to work
         self._qos_set = -1  # the channel generation whose consume waits for the helper queues
 
@@ -119,8 +118,9 @@ class Consumer:
         return self._flow.pool
 
     @property
-    def _generation(self) -> int:
-        return self._flow.generation
+    def queue_depth(self) -> int | None:
+        """Messages ready in the queue; None while unknown."""
+        return self._depth.value
 
     @property
     def dead(self) -> int:
@@ -138,7 +138,7 @@ class Consumer:
         self._warn_insecure()
         with self._io:
             self._link.connect()
-            self.ioloop.call_later(DEPTH_INTERVAL, self._poll_depth)
+            self._depth.start()
 
     def run(self) -> None:
         """Drive the I/O loop and handle deliveries until ``stop`` has finished."""
@@ -173,6 +173,7 @@ class Consumer:
         if self._stopping:
             return
         self._stopping = True
+        self._depth.stop()
         self._hold.cancel()
         log.info("Stopping the consumer after the message in hand.")
         self._drain()
@@ -253,7 +254,7 @@ class Consumer:
         self._helpers.attach(None, self.amqp)
         if reason is not None:
             self._flow.generation += 1
-            self.queue_depth = None
+            self._depth.lost()
             if self._stopping or self._pending is not None:
                 log.info("Closed the connection to %s.", mask_url(self._link.url))
             else:
@@ -313,7 +314,7 @@ class Consumer:
 
     def _on_channel_open(self, channel: pika.channel.Channel) -> None:
         self._channel = channel
-        self._depth_asked = False
+        self._depth.new_channel()
         channel.add_on_close_callback(self._on_channel_closed)
         connection = self._link.connection
         assert connection is not None  # the channel opened on it
@@ -323,7 +324,7 @@ class Consumer:
         MainDeclaration(channel, self.amqp, self._on_declared).start()
 
     def _on_declared(self, declared: pika.frame.Method) -> None:
-        self._on_depth(declared)
+        self._depth.on_declared(declared)
         assert self._flow.settler is not None
         self._flow.settler.start(self._on_qos)
 
@@ -333,7 +334,7 @@ class Consumer:
         Their declarations answer at once on a healthy broker; consuming after them keeps their
         replies from arriving among the first deliveries (which then take pika's slower path).
         """
-        self._qos_set = self._generation
+        self._qos_set = self._flow.generation
         if self._helpers.declaring:
             self.ioloop.call_later(HELPERS_WAIT, self._start_consuming)
         else:
@@ -341,7 +342,7 @@ class Consumer:
 
     def _start_consuming(self) -> None:
         channel = self._channel
-        if self._qos_set != self._generation or channel is None or not channel.is_open:
+        if self._qos_set != self._flow.generation or channel is None or not channel.is_open:
             return
         self._qos_set = -1
         self._consume()
@@ -352,7 +353,7 @@ class Consumer:
             self._close_if_idle()
             return
         if self._hold.failure is not None:
-            self._withheld = self._generation  # _on_log_works consumes once the log works
+            self._withheld = self._flow.generation  # _on_log_works consumes once the log works
             self._set_state(State.CONSUMING)
             return
         flow = self._flow
@@ -396,29 +397,15 @@ class Consumer:
 
     # -- queue depth, for status ---------------------------------------------------------------
 
-    def _poll_depth(self) -> None:
-        """Every DEPTH_INTERVAL, one passive declare on the open channel (never two in flight).
-
-        It runs on the I/O loop between deliveries, so the message path never waits for it.
-        """
-        if self._stopping:
-            return
-        self.ioloop.call_later(DEPTH_INTERVAL, self._poll_depth)
+    def _depth_target(self) -> tuple[pika.channel.Channel, str] | None:
+        """The channel to read the queue's depth on: while consuming, or held off on a channel
+        whose topology is complete; never while draining."""
         channel = self._channel
-        if self._depth_asked or self._draining:
-            return
-        if self._consumer_tag is None and self._withheld != self._generation:
-            return  # not consuming, nor held off on a channel whose topology is complete
-        if channel is None or not channel.is_open:
-            return
-        self._depth_asked = True
-        channel.queue_declare(self.amqp.queue, passive=True, callback=self._on_depth)
-
-    def _on_depth(self, frame: pika.frame.Method) -> None:
-        self._depth_asked = False
-        count = getattr(frame.method, "message_count", None)
-        if isinstance(count, int):
-            self.queue_depth = count
+        if self._draining or channel is None or not channel.is_open:
+            return None
+        if self._consumer_tag is None and self._withheld != self._flow.generation:
+            return None
+        return channel, self.amqp.queue
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -444,9 +431,9 @@ class Consumer:
             # pika rejects (requeues) what still arrives for a cancelled consumer
             channel.basic_cancel(self._consumer_tag)
             self._consumer_tag = None
-            self._withheld = self._generation
+            self._withheld = self._flow.generation
         for generation, tag, _message in self._flow.take_back():
-            if generation == self._generation and channel is not None and channel.is_open:
+            if generation == self._flow.generation and channel is not None and channel.is_open:
                 channel.basic_nack(tag, requeue=True)
         self._show()
 
@@ -454,7 +441,12 @@ class Consumer:
         self._hold.handled_at_resume = self.handled
         channel = self._channel
         withheld, self._withheld = self._withheld, -1
-        if withheld == self._generation and channel is not None and channel.is_open and not self._draining:
+        if (
+            withheld == self._flow.generation
+            and channel is not None
+            and channel.is_open
+            and not self._draining
+        ):
             self._consume()
         else:
             self._show()
