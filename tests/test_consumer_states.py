@@ -114,7 +114,9 @@ class FakeChannel:
     def confirm_delivery(self, callback: Callable[[pika.frame.Method], None]) -> None:
         self.on_confirm = callback
 
-    def basic_qos(self, prefetch_count: int, callback: Callable[[Any], None]) -> None:
+    def basic_qos(self, prefetch_count: int, global_qos: bool, callback: Callable[[Any], None]) -> None:
+        # RabbitMQ applies a per-consumer (global_qos false) prefetch to later consumers only
+        assert global_qos, "a window that changes while consuming must be the channel's"
         self.prefetch = prefetch_count
         self.qos.append(prefetch_count)
         if self.hold_qos:

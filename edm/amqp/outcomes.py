@@ -10,9 +10,11 @@ retry waits in the broker, and the consumer goes on with the next one.
 An original held unacked for its copy's confirm would take a place of ``basic.qos``'s window
 (at prefetch 1: the whole window, one confirm round trip per failure with the queue stopped).
 The settler widens the channel's window by the number of copies awaiting their confirm and
-narrows it back once they are confirmed (``basic.qos`` may change while consuming); what is in
-flight stays bounded by the prefetch plus the copies unconfirmed (the narrowing lags by one
-round trip, as any ``basic.qos`` does).
+narrows it back once they are confirmed; what is in flight stays bounded by the prefetch plus
+the copies unconfirmed (the narrowing lags by one round trip, as any ``basic.qos`` does). The
+window is RabbitMQ's channel-wide one (``global``: the channel has one consumer, so it is that
+consumer's): a per-consumer ``basic.qos`` applies to consumers started after it only, and
+would leave the running one at its first prefetch.
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ class Settler:
         self.channel.confirm_delivery(self._on_confirm)
         self.channel.add_on_return_callback(self._on_return)
         self._qos = window(self.amqp)
-        self.channel.basic_qos(prefetch_count=self._qos, callback=on_qos)
+        self.channel.basic_qos(prefetch_count=self._qos, global_qos=True, callback=on_qos)
 
     def settle(self, tag: int, message: Message, outcome: Outcome) -> None:
         if outcome.kind is Kind.HELD:
@@ -242,7 +244,7 @@ class Settler:
             return
         self._qos = wanted
         self._qos_asked = True
-        self.channel.basic_qos(prefetch_count=wanted, callback=self._on_qos_ok)
+        self.channel.basic_qos(prefetch_count=wanted, global_qos=True, callback=self._on_qos_ok)
 
     def _on_qos_ok(self, _frame: pika.frame.Method) -> None:
         self._qos_asked = False
