@@ -88,6 +88,7 @@ class FakeChannel:
         self.declared: list[str] = []
         self.prefetch = 0
         self.qos: list[int] = []  # every basic.qos asked, in order
+        self.qos_global: list[bool] = []  # and whether it was the channel's (global)
         self.hold_qos = False  # qos-oks wait in held_qos for the test
         self.held_qos: list[Callable[[], None]] = []
 
@@ -115,8 +116,7 @@ class FakeChannel:
         self.on_confirm = callback
 
     def basic_qos(self, prefetch_count: int, global_qos: bool, callback: Callable[[Any], None]) -> None:
-        # RabbitMQ applies a per-consumer (global_qos false) prefetch to later consumers only
-        assert global_qos, "a window that changes while consuming must be the channel's"
+        self.qos_global.append(global_qos)
         self.prefetch = prefetch_count
         self.qos.append(prefetch_count)
         if self.hold_qos:
@@ -486,6 +486,19 @@ def test_a_republish_awaiting_its_confirm_widens_the_window_until_it_is_confirme
     channel.confirm(2)
     assert channel.acks == [1, 3] and channel.qos == [1, 2, 3, 2, 1]
     assert channel.prefetch == 1
+    # the channel's window: RabbitMQ applies a per-consumer one to later consumers only
+    assert channel.qos_global == [True] * 5
+
+
+def test_on_a_quorum_queue_the_window_is_per_consumer_and_stays() -> None:
+    # quorum queues refuse a global basic.qos (NOT_IMPLEMENTED)
+    rig = Rig(_fail_bad, prefetch=1, retry_delays=(1.0,), queue_arguments={"x-queue-type": "quorum"})
+    channel = _open(rig)
+    channel.deliver(1, b"bad 1")
+    rig.handle()
+    assert (channel.qos, channel.qos_global) == ([1], [False])
+    channel.confirm(1)
+    assert channel.acks == [1] and channel.qos == [1]
 
 
 def test_the_window_changes_one_basic_qos_at_a_time_to_the_latest_need() -> None:

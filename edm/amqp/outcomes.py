@@ -12,9 +12,10 @@ An original held unacked for its copy's confirm would take a place of ``basic.qo
 The settler widens the channel's window by the number of copies awaiting their confirm and
 narrows it back once they are confirmed; what is in flight stays bounded by the prefetch plus
 the copies unconfirmed (the narrowing lags by one round trip, as any ``basic.qos`` does). The
-window is RabbitMQ's channel-wide one (``global``: the channel has one consumer, so it is that
+window is RabbitMQ's channel-wide one (``global``; the channel has one consumer, so it is that
 consumer's): a per-consumer ``basic.qos`` applies to consumers started after it only, and
-would leave the running one at its first prefetch.
+would leave the running one at its first prefetch. Quorum queues and streams refuse a global
+``basic.qos`` (NOT_IMPLEMENTED): on them the window is per-consumer and stays as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pika
 import pika.channel
@@ -146,6 +148,12 @@ def republished_properties(message: Message, outcome: Outcome, queue: str) -> pi
     )
 
 
+def widens(amqp: AmqpConfig) -> bool:
+    """Whether the window may widen while copies await their confirm: a classic queue only."""
+    queue_type: Any = amqp.queue_arguments.get("x-queue-type", "classic")
+    return bool(queue_type == "classic")
+
+
 def window(amqp: AmqpConfig) -> int:
     """The channel's ``basic.qos`` prefetch: ``amqp.prefetch``, and a message for every thread."""
     return max(amqp.prefetch, amqp.threads)
@@ -182,6 +190,7 @@ class Settler:
     _waiting: list[_Waiting] = field(default_factory=list)
     _qos: int = 0  # the prefetch last asked of the broker (set by start)
     _qos_asked: bool = False  # a basic.qos awaits its qos-ok: the next waits for it
+    _widens: bool = False  # the window is the channel's (a classic queue): it may change
 
     @property
     def busy(self) -> bool:
@@ -192,7 +201,8 @@ class Settler:
         self.channel.confirm_delivery(self._on_confirm)
         self.channel.add_on_return_callback(self._on_return)
         self._qos = window(self.amqp)
-        self.channel.basic_qos(prefetch_count=self._qos, global_qos=True, callback=on_qos)
+        self._widens = widens(self.amqp)
+        self.channel.basic_qos(prefetch_count=self._qos, global_qos=self._widens, callback=on_qos)
 
     def settle(self, tag: int, message: Message, outcome: Outcome) -> None:
         if outcome.kind is Kind.HELD:
@@ -240,7 +250,7 @@ class Settler:
     def _fit_window(self) -> None:
         """Ask for the prefetch plus the copies awaiting their confirm, one basic.qos at a time."""
         wanted = window(self.amqp) + len(self._unconfirmed)
-        if wanted == self._qos or self._qos_asked or not self.channel.is_open:
+        if not self._widens or wanted == self._qos or self._qos_asked or not self.channel.is_open:
             return
         self._qos = wanted
         self._qos_asked = True
