@@ -490,35 +490,42 @@ def test_a_republish_awaiting_its_confirm_widens_the_window_until_it_is_confirme
     assert channel.qos_global == [True] * 5
 
 
-def test_on_a_quorum_queue_the_window_is_per_consumer_and_stays() -> None:
-    # quorum queues refuse a global basic.qos (NOT_IMPLEMENTED)
-    rig = Rig(_fail_bad, prefetch=1, retry_delays=(1.0,), queue_arguments={"x-queue-type": "quorum"})
+@pytest.mark.parametrize(
+    "amqp",
+    [
+        pytest.param({"queue_arguments": {"x-queue-type": "quorum"}}, id="quorum: no global qos"),
+        pytest.param({"prefetch": 5}, id="prefetch 5: the other places flow"),
+    ],
+)
+def test_elsewhere_the_window_is_per_consumer_and_stays(amqp: dict[str, Any]) -> None:
+    rig = Rig(_fail_bad, retry_delays=(1.0,), **amqp)
     channel = _open(rig)
+    first = channel.qos[:]
     channel.deliver(1, b"bad 1")
     rig.handle()
-    assert (channel.qos, channel.qos_global) == ([1], [False])
+    assert channel.published and channel.qos == first and channel.qos_global == [False]
     channel.confirm(1)
-    assert channel.acks == [1] and channel.qos == [1]
+    assert channel.acks == [1] and channel.qos == first
 
 
 def test_the_window_changes_one_basic_qos_at_a_time_to_the_latest_need() -> None:
-    rig = Rig(_fail_bad, prefetch=5, retry_delays=(1.0,))
+    rig = Rig(_fail_bad, prefetch=1, retry_delays=(1.0,))
     channel = _open(rig)
     channel.hold_qos = True
 
     for tag in (1, 2, 3):
         channel.deliver(tag, b"bad %d" % tag)
     rig.handle()
-    assert channel.qos == [5, 6]  # the first asked; the others wait for its qos-ok
+    assert channel.qos == [1, 2]  # the first asked; the others wait for its qos-ok
 
     channel.held_qos.pop()()
-    assert channel.qos == [5, 6, 8]  # the need meanwhile: three unconfirmed
+    assert channel.qos == [1, 2, 4]  # the need meanwhile: three unconfirmed
     channel.confirm(3, multiple=True)  # all three confirmed at once: acked, no qos yet
-    assert channel.acks == [1, 2, 3] and channel.qos == [5, 6, 8]
+    assert channel.acks == [1, 2, 3] and channel.qos == [1, 2, 4]
     channel.held_qos.pop()()
-    assert channel.qos == [5, 6, 8, 5]  # back to the prefetch
+    assert channel.qos == [1, 2, 4, 1]  # back to the prefetch
     channel.held_qos.pop()()
-    assert channel.qos == [5, 6, 8, 5] and not channel.held_qos  # settled: nothing more asked
+    assert channel.qos == [1, 2, 4, 1] and not channel.held_qos  # settled: nothing more asked
 
 
 def test_a_stop_waits_for_the_confirm_of_a_dead_letter() -> None:

@@ -15,7 +15,9 @@ the copies unconfirmed (the narrowing lags by one round trip, as any ``basic.qos
 window is RabbitMQ's channel-wide one (``global``; the channel has one consumer, so it is that
 consumer's): a per-consumer ``basic.qos`` applies to consumers started after it only, and
 would leave the running one at its first prefetch. Quorum queues and streams refuse a global
-``basic.qos`` (NOT_IMPLEMENTED): on them the window is per-consumer and stays as it is.
+``basic.qos`` (NOT_IMPLEMENTED), and the broker coordinates a channel-wide prefetch with the
+queue on every delivery: the window widens at prefetch 1 on a classic queue only (``widens``);
+anywhere else it is per-consumer and stays as it is.
 """
 
 from __future__ import annotations
@@ -149,9 +151,11 @@ def republished_properties(message: Message, outcome: Outcome, queue: str) -> pi
 
 
 def widens(amqp: AmqpConfig) -> bool:
-    """Whether the window may widen while copies await their confirm: a classic queue only."""
+    """Whether the window widens while copies await their confirm: at prefetch 1 (where an
+    owed confirm stops the queue; above it the other places keep it flowing, and the broker's
+    per-consumer prefetch is the cheaper one), on a classic queue (the others refuse it)."""
     queue_type: Any = amqp.queue_arguments.get("x-queue-type", "classic")
-    return bool(queue_type == "classic")
+    return window(amqp) == 1 and queue_type == "classic"
 
 
 def window(amqp: AmqpConfig) -> int:
