@@ -12,10 +12,12 @@ work per good message is the same; the two runs of a repetition alternate their 
 that a drift of the machine's load does not always favour one. Everything made is removed at
 the end.
 
-What a failure costs the others: its handler call, and, at prefetch 1, one publisher-confirm
-round trip (the copy in the delay queue is confirmed before the original is acked, and the
-broker sends the next message only after that ack). At a larger prefetch the next messages
-are already there and the confirm costs nothing.
+What a failure costs the others: its handler call, the republish, and the frames around it:
+the confirm and, at prefetch 1, for the settler's ``basic.qos`` widening (the original waits
+unacked for its confirm), a qos and its qos-ok each way. The fast lane resumes after each of
+those frames, and at prefetch 1 the widened window lets the next message come while the
+confirm is awaited, so the confirm round trip no longer stops the queue. See bench/README.md
+for the numbers.
 """
 
 from __future__ import annotations

@@ -87,6 +87,10 @@ class FakeChannel:
         self.cancelled = False
         self.declared: list[str] = []
         self.prefetch = 0
+        self.qos: list[int] = []  # every basic.qos asked, in order
+        self.qos_global: list[bool] = []  # and whether it was the channel's (global)
+        self.hold_qos = False  # qos-oks wait in held_qos for the test
+        self.held_qos: list[Callable[[], None]] = []
 
     def add_on_close_callback(self, callback: Callable[[Any, BaseException], None]) -> None:
         self.on_close.append(callback)
@@ -111,9 +115,14 @@ class FakeChannel:
     def confirm_delivery(self, callback: Callable[[pika.frame.Method], None]) -> None:
         self.on_confirm = callback
 
-    def basic_qos(self, prefetch_count: int, callback: Callable[[Any], None]) -> None:
+    def basic_qos(self, prefetch_count: int, global_qos: bool, callback: Callable[[Any], None]) -> None:
+        self.qos_global.append(global_qos)
         self.prefetch = prefetch_count
-        callback(_frame(pika.spec.Basic.QosOk()))
+        self.qos.append(prefetch_count)
+        if self.hold_qos:
+            self.held_qos.append(lambda: callback(_frame(pika.spec.Basic.QosOk())))
+        else:
+            callback(_frame(pika.spec.Basic.QosOk()))
 
     def basic_consume(self, _queue: str, on_message: Callable[..., None], auto_ack: bool) -> str:
         self.on_message = on_message
@@ -158,9 +167,9 @@ class FakeChannel:
         method = pika.spec.Basic.Return(312, "NO_ROUTE", "", routing_key)
         self.on_return(self, method, pika.BasicProperties(), body)
 
-    def confirm(self, seq: int, ok: bool = True) -> None:
+    def confirm(self, seq: int, ok: bool = True, multiple: bool = False) -> None:
         assert self.on_confirm is not None
-        method = pika.spec.Basic.Ack(seq) if ok else pika.spec.Basic.Nack(seq)
+        method = pika.spec.Basic.Ack(seq, multiple) if ok else pika.spec.Basic.Nack(seq, multiple)
         self.on_confirm(_frame(method))
 
 
@@ -262,7 +271,7 @@ class Rig:
 
     def handle(self) -> None:
         self.consumer._running = True
-        self.consumer._handle_deliveries()
+        self.consumer._flow.handle()
 
 
 def _open(rig: Rig) -> FakeChannel:
@@ -448,6 +457,77 @@ def test_a_failure_is_republished_to_the_delay_queue_and_acked_on_the_confirm() 
     assert not rig.loop.delays("_retry")  # nothing waits in the consumer
 
 
+def _fail_bad(message: Message) -> None:
+    if message.body.startswith(b"bad"):
+        raise ValueError("smtp down")
+
+
+def test_a_republish_awaiting_its_confirm_widens_the_window_until_it_is_confirmed() -> None:
+    # Given a consumer at prefetch 1
+    rig = Rig(_fail_bad, prefetch=1, retry_delays=(1.0,))
+    channel = _open(rig)
+    assert channel.qos == [1]
+
+    # When a message fails: its copy goes to the delay queue, the original waits for the confirm
+    channel.deliver(1, b"bad 1")
+    rig.handle()
+
+    # Then the window grows by one, so the next message flows (and is acked) meanwhile
+    assert channel.qos == [1, 2] and channel.acks == []
+    channel.deliver(2, b"good")
+    channel.deliver(3, b"bad 3")
+    rig.handle()
+    assert rig.connection.sent_acks == [2] and channel.acks == []
+    assert channel.qos == [1, 2, 3]  # two copies unconfirmed
+
+    # And each confirm acks its original, then narrows the window back
+    channel.confirm(1)
+    assert channel.acks == [1] and channel.qos[-1] == 2
+    channel.confirm(2)
+    assert channel.acks == [1, 3] and channel.qos == [1, 2, 3, 2, 1]
+    assert channel.prefetch == 1
+    # the channel's window: RabbitMQ applies a per-consumer one to later consumers only
+    assert channel.qos_global == [True] * 5
+
+
+@pytest.mark.parametrize(
+    "amqp",
+    [
+        pytest.param({"queue_arguments": {"x-queue-type": "quorum"}}, id="quorum: no global qos"),
+        pytest.param({"prefetch": 5}, id="prefetch 5: the other places flow"),
+    ],
+)
+def test_elsewhere_the_window_is_per_consumer_and_stays(amqp: dict[str, Any]) -> None:
+    rig = Rig(_fail_bad, retry_delays=(1.0,), **amqp)
+    channel = _open(rig)
+    first = channel.qos[:]
+    channel.deliver(1, b"bad 1")
+    rig.handle()
+    assert channel.published and channel.qos == first and channel.qos_global == [False]
+    channel.confirm(1)
+    assert channel.acks == [1] and channel.qos == first
+
+
+def test_the_window_changes_one_basic_qos_at_a_time_to_the_latest_need() -> None:
+    rig = Rig(_fail_bad, prefetch=1, retry_delays=(1.0,))
+    channel = _open(rig)
+    channel.hold_qos = True
+
+    for tag in (1, 2, 3):
+        channel.deliver(tag, b"bad %d" % tag)
+    rig.handle()
+    assert channel.qos == [1, 2]  # the first asked; the others wait for its qos-ok
+
+    channel.held_qos.pop()()
+    assert channel.qos == [1, 2, 4]  # the need meanwhile: three unconfirmed
+    channel.confirm(3, multiple=True)  # all three confirmed at once: acked, no qos yet
+    assert channel.acks == [1, 2, 3] and channel.qos == [1, 2, 4]
+    channel.held_qos.pop()()
+    assert channel.qos == [1, 2, 4, 1]  # back to the prefetch
+    channel.held_qos.pop()()
+    assert channel.qos == [1, 2, 4, 1] and not channel.held_qos  # settled: nothing more asked
+
+
 def test_a_stop_waits_for_the_confirm_of_a_dead_letter() -> None:
     def reject(message: Message) -> None:
         raise Reject("bad address")
@@ -564,7 +644,7 @@ def test_handler_threads_run_messages_side_by_side_and_ack_on_the_io_thread() ->
         for tag, body in enumerate([b"a", b"b", b"bad", b"c"], start=1):
             channel.deliver(tag, body)
         rig.consumer._running = True
-        rig.consumer._dispatch()
+        rig.consumer._flow.dispatch()
         # Then all four run at once, each in its own thread, nothing acked meanwhile
         for _ in range(4):
             assert started.acquire(timeout=5)

@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edm.amqp.consumer import Consumer
-from edm.amqp.fastlane import Lane, decode_properties, take_delivery
+from edm.amqp.fastlane import Lane, decode_properties, feed, take_delivery
 from edm.amqp.ioloop import io_loop
 from edm.config import AmqpConfig
-from edm.handlers import Message
+from edm.handlers import Message, Reject
 from edm.handlers.loader import HandlerFactory
 
 CHANNEL, TAG = 1, "ctag1.abc"
@@ -153,6 +153,60 @@ def test_the_lane_stops_at_anything_else_and_never_takes_what_follows(other: byt
     assert pos == len(first)
 
 
+def fed(data: bytes, close_after: int = -1) -> tuple[list[int], list[bytes], int]:
+    """``feed`` with a recording pika: (the lane's delivery tags, pika's frames, the position
+    reached); the lane closes once pika took ``close_after`` frames."""
+    tags: list[int] = []
+    to_pika: list[bytes] = []
+    lane = Lane(CHANNEL, TAG, lambda tag, *_: tags.append(tag))
+    pos, frames, taken = feed(data, lane, to_pika.append, lambda _lane: len(to_pika) != close_after)
+    assert taken + sum(map(len, to_pika)) == pos  # every byte used once, by one or the other
+    assert frames == 3 * len(tags)
+    return tags, to_pika, pos
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        pytest.param(delivery_frames(channel=2), id="another channel"),
+        pytest.param(delivery_frames(consumer_tag="ctag1.other"), id="another consumer"),
+        pytest.param(pika.frame.Heartbeat().marshal(), id="a heartbeat"),
+        pytest.param(pika.frame.Method(CHANNEL, pika.spec.Basic.Ack(5)).marshal(), id="a confirm"),
+        pytest.param(pika.frame.Method(CHANNEL, pika.spec.Basic.QosOk()).marshal(), id="qos-ok"),
+        pytest.param(delivery_frames()[:-1] + b"\x00", id="a bad frame end"),
+    ],
+)
+def test_pika_takes_each_other_frame_alone_and_the_lane_resumes_after_it(other: bytes) -> None:
+    first, after = delivery_frames(delivery_tag=1), delivery_frames(delivery_tag=3)
+
+    tags, to_pika, pos = fed(first + other + after)
+
+    assert tags == [1, 3]
+    assert b"".join(to_pika) == other  # whole frames, in order, nothing of the lane's
+    assert all(pika.frame.decode_frame(f)[0] == len(f) for f in to_pika if not f.endswith(b"\x00"))
+    assert pos == len(first + other + after)
+
+
+def test_a_delivery_cut_short_by_a_read_waits_for_the_rest() -> None:
+    first, second = delivery_frames(delivery_tag=1), delivery_frames(delivery_tag=2, body=b"x" * 300)
+    confirm = pika.frame.Method(CHANNEL, pika.spec.Basic.Ack(1)).marshal()
+    for cut in range(1, len(second)):
+        data = first + confirm + second[:cut]
+        tags, to_pika, pos = fed(data)
+        assert (tags, to_pika, pos) == ([1], [confirm], len(first + confirm))
+        tags, to_pika, pos = fed(data[pos:] + second[cut:])
+        assert (tags, to_pika, pos) == ([2], [], len(second))
+
+
+def test_a_lane_closed_by_a_frame_pika_took_leaves_the_rest_to_pika() -> None:
+    cancel = pika.frame.Method(CHANNEL, pika.spec.Basic.CancelOk(TAG)).marshal()
+    first, after = delivery_frames(delivery_tag=1), delivery_frames(delivery_tag=3)
+
+    tags, to_pika, pos = fed(first + cancel + after, close_after=1)
+
+    assert (tags, to_pika, pos) == ([1], [cancel], len(first + cancel))
+
+
 def test_the_lane_ack_is_the_frame_pika_would_send() -> None:
     from edm.amqp.fastlane import _ACK, _ACK_ID, _FRAME_END, _METHOD
 
@@ -178,11 +232,16 @@ def test_a_message_decodes_its_properties_once_and_only_when_asked() -> None:
 def names() -> Iterator[str]:
     name = unique("fastlane")
     yield name
-    delete_topology({name, f"{name}.dead"}, {name})
+    delete_topology({name, f"{name}.dead", f"{name}.retry.1000"}, {name})
 
 
 def consume(
-    name: str, count: int, publish: Callable[[], None], handler: Any = None, fast_lane: bool = True
+    name: str,
+    count: int,
+    publish: Callable[[], None],
+    handler: Any = None,
+    fast_lane: bool = True,
+    **amqp_options: Any,
 ) -> list[Message]:
     """Run edm's consumer in this thread; ``publish`` runs in another once it consumes."""
     seen: list[Message] = []
@@ -201,8 +260,9 @@ def consume(
             publisher.append(threading.Thread(target=publish))
             publisher[0].start()
 
+    options: dict[str, Any] = {"prefetch": 1, **amqp_options}
     amqp = AmqpConfig(
-        url=(AMQP_URL,), exchange=name, queue=name, routing_key=name, prefetch=1, fast_lane=fast_lane
+        url=(AMQP_URL,), exchange=name, queue=name, routing_key=name, fast_lane=fast_lane, **options
     )
     consumer = Consumer(amqp, HandlerFactory("test:record", record), on_state, io_loop(fast_lane))
     timer = threading.Timer(30, consumer.stop)  # a hung consumer fails the test, never the run
@@ -259,6 +319,41 @@ def test_deliveries_reach_the_handler_whole_with_their_properties(names: str, fa
         assert encoded == [False] * len(sent)
     connection, channel = amqp_channel()
     try:
+        assert channel.queue_declare(names, passive=True).method.message_count == 0
+    finally:
+        connection.close()
+
+
+def test_deliveries_after_a_publisher_confirm_stay_on_the_lane(names: str) -> None:
+    # Given 2,000 messages waiting, one in 20 of them rejected by the handler: each rejection
+    # is republished to .dead and its confirm arrives among the deliveries (prefetch 50)
+    total, poison = 2000, 100
+    connection, channel = amqp_channel()
+    try:
+        channel.exchange_declare(names, "direct", durable=True)
+        channel.queue_declare(names, durable=True)
+        channel.queue_bind(names, names, names)
+        channel.confirm_delivery()
+        for i in range(total):
+            body = b"poison %d" % i if i % (total // poison) == 7 else b"good %d" % i
+            channel.basic_publish(names, names, body, pika.BasicProperties(delivery_mode=2))
+    finally:
+        connection.close()
+
+    def reject(message: Message) -> None:
+        if message.body.startswith(b"poison"):
+            raise Reject("poisoned")
+
+    # When edm consumes them with the fast lane
+    seen = consume(names, total - poison, lambda: None, reject, prefetch=50, retry_delays=(1.0,))
+
+    # Then every good message came through the lane (its properties still encoded in the
+    # handler), none through pika's slower path, and every poison one is in .dead
+    lane = sum(isinstance(m._properties, bytes) for m in seen)
+    assert (len(seen), lane) == (total - poison, total - poison)
+    connection, channel = amqp_channel()
+    try:
+        assert channel.queue_declare(f"{names}.dead", passive=True).method.message_count == poison
         assert channel.queue_declare(names, passive=True).method.message_count == 0
     finally:
         connection.close()

@@ -9,8 +9,9 @@ keeper (``edm.amqp.keeper``) serves the loop while a handler is slow. The parts:
 - ``topology``: the main queue on the consuming channel, the helper queues (``.dead``, the
   delay queues) on a channel of their own;
 - ``outcomes``: what the handler's ending means, and the republish-confirm-ack it takes;
-- ``holdoff``: a log that cannot be written holds deliveries off until it can;
-- ``pool``: with ``amqp.threads`` > 1, handler threads instead of the inline call.
+- ``deliveries``: what was received, through the handler (inline, or on the handler threads
+  of ``pool`` with ``amqp.threads`` > 1), out as an ack or an outcome;
+- ``holdoff``: a log that cannot be written holds deliveries off until it can.
 
 A message is acked only after its handler returned, or once its retry or dead letter is
 confirmed. Every channel gets a generation number: a delivery from an older channel is never
@@ -22,28 +23,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import pika.channel
 import pika.exceptions
 import pika.frame
-import pika.spec
 from pika.adapters.select_connection import IOLoop
 
 from edm.amqp.connection import ConnectionFactory, Link, State
-from edm.amqp.fastlane import Lane, LaneConnection, decode_properties
+from edm.amqp.deliveries import Deliveries, build, release
+from edm.amqp.depth import QueueDepth
+from edm.amqp.fastlane import Lane, LaneConnection
 from edm.amqp.holdoff import HoldOff
-from edm.amqp.ioloop import FlushingIOLoop, io_loop
+from edm.amqp.ioloop import io_loop
 from edm.amqp.keeper import Keeper, slow_after
-from edm.amqp.outcomes import OK, Outcome, Settler, Tally, judge
+from edm.amqp.outcomes import Settler, Tally, window
 from edm.amqp.params import describe, insecure_tls_warning
 from edm.amqp.pool import Pool
 from edm.amqp.topology import Helpers, MainDeclaration
 from edm.config import AmqpConfig
 from edm.errors import LogWriteError
-from edm.handlers.api import Message
 from edm.handlers.loader import Bound, HandlerFactory
 from edm.metrics import Latency
 from edm.redact import mask_url
@@ -52,11 +52,7 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], None]
 
-DEPTH_INTERVAL = 5.0  # seconds between passive declares that read the queue's depth for status
 HELPERS_WAIT = 2.0  # seconds the first consume waits at most for the helper queues' declaration
-
-# (generation, delivery tag, message)
-_Delivery = tuple[int, int, Message]
 
 
 class Consumer:
@@ -72,40 +68,59 @@ class Consumer:
     ) -> None:
         self.amqp = amqp
         self.handlers = handlers
-        self._bounds = build(handlers, amqp.threads)  # raises ConfigError naming amqp.handler
-        self.handler = self._bounds[0].call  # the inline path's (threads: 1)
+        bounds = build(handlers, amqp.threads)  # raises ConfigError naming amqp.handler
         self.ioloop = ioloop or io_loop(amqp.fast_lane)
         self._emit = emit
         self._link = Link(
             amqp, self.ioloop, self._on_open, self._on_down, self._set_state, self._show, connection_factory
         )
         self._helpers = Helpers(amqp, self._on_helpers_done)
-        self._settler: Settler | None = None
         self._tally = Tally()
         self._channel: pika.channel.Channel | None = None
         self._consumer_tag: str | None = None
-        self._generation = 0
         self._state = State.STARTING
         self._shown = ""
         self._stopping = False
         self._pending: tuple[AmqpConfig, HandlerFactory, list[Bound]] | None = None
         self._draining = False
         # The I/O loop belongs to whoever holds _io: the main thread, or the keeper while a
-        # handler is slow. Deliveries wait in _deliveries for the main thread.
+        # handler is slow. Deliveries wait in _flow for the main thread.
         self._io = threading.Lock()
-        self._deliveries: deque[_Delivery] = deque()
-        self._in_hand = False
         self._running = False
         self._keeper = Keeper(self.ioloop, self._io, slow_after(amqp.heartbeat))
-        self._pool = self._make_pool()
+        self._flow = Deliveries(
+            amqp,
+            bounds,
+            self.ioloop,
+            self._io,
+            self._keeper,
+            self._may_take,
+            self._hold_off,
+            self._close_if_idle,
+        )
         self._hold = HoldOff(self.ioloop, amqp.retry_max, self._on_log_works, self._show)
-        self.handled = 0
-        self.latency = Latency()  # handler call durations, shipped with the status reports
         self.since = time.time()
-        self.queue_depth: int | None = None  # messages ready in the queue; None while unknown
-        self._depth_asked = False
+        self._depth = QueueDepth(self.ioloop, self._depth_target)
         self._withheld = -1  # the channel generation whose consume waits for the log to work
         self._qos_set = -1  # the channel generation whose consume waits for the helper queues
+
+    @property
+    def handled(self) -> int:
+        return self._flow.handled
+
+    @property
+    def latency(self) -> Latency:
+        """Handler call durations, shipped with the status reports."""
+        return self._flow.latency
+
+    @property
+    def _pool(self) -> Pool | None:
+        return self._flow.pool
+
+    @property
+    def queue_depth(self) -> int | None:
+        """Messages ready in the queue; None while unknown."""
+        return self._depth.value
 
     @property
     def dead(self) -> int:
@@ -123,33 +138,34 @@ class Consumer:
         self._warn_insecure()
         with self._io:
             self._link.connect()
-            self.ioloop.call_later(DEPTH_INTERVAL, self._poll_depth)
+            self._depth.start()
 
     def run(self) -> None:
         """Drive the I/O loop and handle deliveries until ``stop`` has finished."""
         self._keeper.start()
-        if self._pool is not None:
-            self._pool.start()
+        flow = self._flow
+        if flow.pool is not None:
+            flow.pool.start()
         self.ioloop.activate_poller()
         try:
             while self._running:
                 with self._io:
                     self.ioloop.poll()
-                    if not self._deliveries:
+                    if not flow.waiting:
                         self.ioloop.process_timeouts()
                         continue
                 # A delivery first: the broker waits for its ack, the timers can wait for it.
-                if self._pool is None:
-                    self._handle_deliveries()
+                if flow.pool is None:
+                    flow.handle()
                 else:
-                    self._dispatch()
+                    flow.dispatch()
                 with self._io:
                     self.ioloop.process_timeouts()
         finally:
             self._running = False
             self._keeper.stop()
-            if self._pool is not None:
-                self._pool.stop()
+            if flow.pool is not None:
+                flow.pool.stop()
             self.ioloop.deactivate_poller()
 
     def stop(self) -> None:
@@ -157,6 +173,7 @@ class Consumer:
         if self._stopping:
             return
         self._stopping = True
+        self._depth.stop()
         self._hold.cancel()
         log.info("Stopping the consumer after the message in hand.")
         self._drain()
@@ -242,19 +259,19 @@ class Consumer:
     def _on_down(self, reason: BaseException | None) -> None:
         """The connection closed (``reason``) or an attempt failed (None): what next."""
         self._channel = None
-        self._settler = None
+        self._flow.unbind()
         self._consumer_tag = None
         self._helpers.attach(None, self.amqp)
         if reason is not None:
-            self._generation += 1
-            self.queue_depth = None
+            self._flow.generation += 1
+            self._depth.lost()
             if self._stopping or self._pending is not None:
                 log.info("Closed the connection to %s.", mask_url(self._link.url))
             else:
                 log.warning("Lost the connection to %s: %s.", mask_url(self._link.url), describe(reason))
         if self._stopping:
             self._set_state(State.STOPPED)
-            self._release_handlers()
+            self._flow.release()
             if self._pending is not None:
                 release(self._pending[2])
             self._running = False
@@ -267,13 +284,9 @@ class Consumer:
 
     def _apply_pending(self) -> None:
         assert self._pending is not None
-        self._release_handlers()
-        self.amqp, self.handlers, self._bounds = self._pending
-        self.handler = self._bounds[0].call
+        self.amqp, self.handlers, bounds = self._pending
         self._pending = None
-        self._pool = self._make_pool()
-        if self._pool is not None:
-            self._pool.start()
+        self._flow.replace(self.amqp, bounds)
         self._keeper.slow_after = slow_after(self.amqp.heartbeat)
         self._warn_insecure()
         self._draining = False
@@ -291,8 +304,8 @@ class Consumer:
         connection.close_lane()
         if self._channel is not None and self._channel.is_open and self._consumer_tag:
             self._channel.basic_cancel(self._consumer_tag)
-        if self._pool is not None:
-            self._pool.take_back()  # not started: the channel's close gives them back
+        if self._flow.pool is not None:
+            self._flow.pool.take_back()  # not started: the channel's close gives them back
         self._close_if_idle()
 
     def _close_if_idle(self) -> None:
@@ -300,9 +313,7 @@ class Consumer:
         if not self._draining:
             return  # the common case, after every message: one test
         connection = self._link.connection
-        busy = self._in_hand or (self._settler is not None and self._settler.busy)
-        busy = busy or (self._pool is not None and self._pool.in_hand > 0)
-        if busy or connection is None:
+        if self._flow.busy or connection is None:
             return
         if connection.is_open:
             connection.close()
@@ -313,20 +324,19 @@ class Consumer:
 
     def _on_channel_open(self, channel: pika.channel.Channel) -> None:
         self._channel = channel
-        self._depth_asked = False
+        self._depth.new_channel()
         channel.add_on_close_callback(self._on_channel_closed)
-        self._settler = Settler(
-            channel, self.amqp, self._helpers, self.ioloop, self._tally, self._close_if_idle
-        )
+        connection = self._link.connection
+        assert connection is not None  # the channel opened on it
+        settler = Settler(channel, self.amqp, self._helpers, self.ioloop, self._tally, self._close_if_idle)
+        self._flow.bind(channel, connection, settler)
         self._helpers.declare()
         MainDeclaration(channel, self.amqp, self._on_declared).start()
 
     def _on_declared(self, declared: pika.frame.Method) -> None:
-        self._on_depth(declared)
-        assert self._channel is not None and self._settler is not None
-        self._settler.start()
-        prefetch = max(self.amqp.prefetch, self.amqp.threads)  # a message for every thread
-        self._channel.basic_qos(prefetch_count=prefetch, callback=self._on_qos)
+        self._depth.on_declared(declared)
+        assert self._flow.settler is not None
+        self._flow.settler.start(self._on_qos)
 
     def _on_qos(self, _frame: pika.frame.Method) -> None:
         """Consume once the helper queues are declared (or failed), but never wait long for them.
@@ -334,7 +344,7 @@ class Consumer:
         Their declarations answer at once on a healthy broker; consuming after them keeps their
         replies from arriving among the first deliveries (which then take pika's slower path).
         """
-        self._qos_set = self._generation
+        self._qos_set = self._flow.generation
         if self._helpers.declaring:
             self.ioloop.call_later(HELPERS_WAIT, self._start_consuming)
         else:
@@ -342,7 +352,7 @@ class Consumer:
 
     def _start_consuming(self) -> None:
         channel = self._channel
-        if self._qos_set != self._generation or channel is None or not channel.is_open:
+        if self._qos_set != self._flow.generation or channel is None or not channel.is_open:
             return
         self._qos_set = -1
         self._consume()
@@ -353,14 +363,15 @@ class Consumer:
             self._close_if_idle()
             return
         if self._hold.failure is not None:
-            self._withheld = self._generation  # _on_log_works consumes once the log works
+            self._withheld = self._flow.generation  # _on_log_works consumes once the log works
             self._set_state(State.CONSUMING)
             return
-        self._consumer_tag = self._channel.basic_consume(self.amqp.queue, self._on_message, auto_ack=False)
+        flow = self._flow
+        self._consumer_tag = self._channel.basic_consume(self.amqp.queue, flow.on_message, auto_ack=False)
         connection = self._link.connection
         if connection is not None:
             connection.open_lane(
-                Lane(self._channel.channel_number, self._consumer_tag, self._on_fast_delivery)
+                Lane(self._channel.channel_number, self._consumer_tag, flow.on_fast_delivery)
             )
         self._link.settled()
         a = self.amqp
@@ -369,7 +380,7 @@ class Consumer:
             a.queue,
             a.exchange,
             a.routing_key,
-            max(a.prefetch, a.threads),
+            window(a),
             f", {a.threads} handler threads" if a.threads > 1 else "",
         )
         self._set_state(State.CONSUMING)
@@ -381,145 +392,36 @@ class Consumer:
         if connection is not None:
             connection.close_lane()
         self._channel = None
-        self._settler = None
+        self._flow.unbind()
         self._consumer_tag = None
-        self._generation += 1
+        self._flow.generation += 1
         if connection is not None and connection.is_open:
             if not (self._stopping or self._pending is not None):
                 log.error("The broker closed the channel: %s.", describe(reason))
             connection.close()
 
     def _on_helpers_done(self) -> None:
-        if self._settler is not None:
-            self._settler.flush()
+        if self._flow.settler is not None:
+            self._flow.settler.flush()
         self._start_consuming()
 
     # -- queue depth, for status ---------------------------------------------------------------
 
-    def _poll_depth(self) -> None:
-        """Every DEPTH_INTERVAL, one passive declare on the open channel (never two in flight).
-
-        It runs on the I/O loop between deliveries, so the message path never waits for it.
-        """
-        if self._stopping:
-            return
-        self.ioloop.call_later(DEPTH_INTERVAL, self._poll_depth)
+    def _depth_target(self) -> tuple[pika.channel.Channel, str] | None:
+        """The channel to read the queue's depth on: while consuming, or held off on a channel
+        whose topology is complete; never while draining."""
         channel = self._channel
-        if self._depth_asked or self._draining:
-            return
-        if self._consumer_tag is None and self._withheld != self._generation:
-            return  # not consuming, nor held off on a channel whose topology is complete
-        if channel is None or not channel.is_open:
-            return
-        self._depth_asked = True
-        channel.queue_declare(self.amqp.queue, passive=True, callback=self._on_depth)
-
-    def _on_depth(self, frame: pika.frame.Method) -> None:
-        self._depth_asked = False
-        count = getattr(frame.method, "message_count", None)
-        if isinstance(count, int):
-            self.queue_depth = count
+        if self._draining or channel is None or not channel.is_open:
+            return None
+        if self._consumer_tag is None and self._withheld != self._flow.generation:
+            return None
+        return channel, self.amqp.queue
 
     # -- messages ------------------------------------------------------------------------------
 
-    def _on_message(
-        self,
-        channel: pika.channel.Channel,
-        method: pika.spec.Basic.Deliver,
-        properties: pika.BasicProperties,
-        body: bytes,
-    ) -> None:
-        message = Message(body, method.routing_key, method.redelivered, properties)
-        self._deliveries.append((self._generation, method.delivery_tag, message))
-
-    def _on_fast_delivery(
-        self, delivery_tag: int, redelivered: bool, routing_key: str, properties: bytes, body: bytes
-    ) -> None:
-        """The fast lane's delivery: the same as ``_on_message``, properties still encoded."""
-        message = Message(body, routing_key, redelivered, properties, decode_properties)
-        self._deliveries.append((self._generation, delivery_tag, message))
-
-    def _handle_deliveries(self) -> None:
-        """Run the handler for each waiting delivery, in this (the main) thread, and ack."""
-        deliveries = self._deliveries
-        keeper = self._keeper
-        while True:
-            with self._io:
-                if not deliveries or self._draining or not self._running or self._hold.failure:
-                    return
-                generation, tag, message = deliveries.popleft()
-                if generation != self._generation:
-                    continue  # from a closed channel: the broker redelivers it
-                self._in_hand = True
-            keeper.busy_since = time.monotonic()
-            outcome = self._handle(message)
-            keeper.busy_since = None
-            if keeper.active:
-                keeper.wake()  # end the keeper's poll now
-            with self._io:
-                self._in_hand = False
-                self._on_done(generation, tag, message, outcome)
-                if isinstance(self.ioloop, FlushingIOLoop):
-                    self.ioloop.flush()  # the ack leaves now: the broker waits for it
-
-    def _dispatch(self) -> None:
-        """Hand each waiting delivery to the handler threads (``amqp.threads`` > 1)."""
-        assert self._pool is not None
-        deliveries = self._deliveries
-        with self._io:
-            while deliveries and not self._draining and self._running and not self._hold.failure:
-                job = deliveries.popleft()
-                if job[0] == self._generation:  # else from a closed channel: redelivered
-                    self._pool.submit(job)
-
-    def _on_thread_done(
-        self, generation: int, tag: int, message: Message, outcome: Outcome, seconds: float | None
-    ) -> None:
-        """A handler thread finished a message: on the I/O loop's thread, ack or settle it."""
-        if seconds is not None:
-            self.latency.observe(seconds)
-        self._on_done(generation, tag, message, outcome)
-        if isinstance(self.ioloop, FlushingIOLoop):
-            self.ioloop.flush()
-
-    def _make_pool(self) -> Pool | None:
-        if self.amqp.threads == 1:
-            return None
-        return Pool(self._bounds, self.amqp, self.ioloop, self._on_thread_done)
-
-    def _release_handlers(self) -> None:
-        """Stop the handler threads (each closes its handler), or close the inline handler."""
-        if self._pool is not None:
-            self._pool.stop()
-        else:
-            release(self._bounds)
-
-    def _handle(self, message: Message) -> Outcome:
-        started = time.perf_counter()
-        try:
-            self.handler(message)
-        except LogWriteError as exc:  # the disk's fault, not the message's: not timed
-            return judge(message, exc, self.amqp)
-        except Exception as exc:  # noqa: BLE001 - any handler failure is retried or dead-lettered
-            self.latency.observe(time.perf_counter() - started)
-            return judge(message, exc, self.amqp)
-        self.latency.observe(time.perf_counter() - started)
-        return OK
-
-    def _on_done(self, generation: int, tag: int, message: Message, outcome: Outcome) -> None:
-        channel = self._channel
-        if generation == self._generation and channel is not None and channel.is_open:
-            if outcome is OK:
-                connection = self._link.connection
-                assert connection is not None  # an open channel has its connection
-                connection.send_ack(channel.channel_number, tag)
-                self.handled += 1
-            else:
-                assert self._settler is not None
-                self._settler.settle(tag, message, outcome)
-        if outcome is not OK and outcome.failure is not None:
-            self._hold_off(outcome.failure)
-        self._close_if_idle()
+    def _may_take(self) -> bool:
+        """Whether a waiting delivery may go to a handler now."""
+        return not self._draining and self._running and not self._hold.failure
 
     # -- a log that cannot be written -----------------------------------------------------------
 
@@ -539,11 +441,9 @@ class Consumer:
             # pika rejects (requeues) what still arrives for a cancelled consumer
             channel.basic_cancel(self._consumer_tag)
             self._consumer_tag = None
-            self._withheld = self._generation
-        waiting = [*self._deliveries, *(self._pool.take_back() if self._pool is not None else ())]
-        self._deliveries.clear()
-        for generation, tag, _message in waiting:
-            if generation == self._generation and channel is not None and channel.is_open:
+            self._withheld = self._flow.generation
+        for generation, tag, _message in self._flow.take_back():
+            if generation == self._flow.generation and channel is not None and channel.is_open:
                 channel.basic_nack(tag, requeue=True)
         self._show()
 
@@ -551,27 +451,15 @@ class Consumer:
         self._hold.handled_at_resume = self.handled
         channel = self._channel
         withheld, self._withheld = self._withheld, -1
-        if withheld == self._generation and channel is not None and channel.is_open and not self._draining:
+        if (
+            withheld == self._flow.generation
+            and channel is not None
+            and channel.is_open
+            and not self._draining
+        ):
             self._consume()
         else:
             self._show()
-
-
-def build(handlers: HandlerFactory, threads: int) -> list[Bound]:
-    """One handler per thread; if one cannot be built, those built already are closed."""
-    bounds: list[Bound] = []
-    try:
-        for _ in range(threads):
-            bounds.append(handlers.build())
-    except BaseException:
-        release(bounds)
-        raise
-    return bounds
-
-
-def release(bounds: list[Bound]) -> None:
-    for bound in bounds:
-        bound.release()
 
 
 def _noop() -> None:

@@ -10,9 +10,11 @@ message pika costs over a plain socket loop.
 ``FastLaneConnection`` is pika's ``SelectConnection`` with one lane added. While a lane is
 open (one channel, one consumer tag), a complete delivery at the head of the received data
 (its method, header and body frames all there) is decoded here with ``struct`` and handed to
-the lane's callback with its properties still encoded. Anything else (a partial frame, another
-channel or consumer, any other method, a heartbeat) goes to pika exactly as before, and the
-lane never takes a frame that follows one it left to pika, so the order of frames is kept.
+the lane's callback with its properties still encoded. Any other whole frame (another channel
+or consumer, any other method such as a publisher confirm, a heartbeat) goes to pika alone,
+and the lane resumes after it: pika is only ever handed whole frames, one at a time, so it
+holds nothing half-decoded when the lane takes a delivery and the order of frames is kept. A
+delivery cut short by the end of a read waits for the rest (up to ``HOLD_BYTES``).
 The frames and bytes taken are counted as pika counts them: its heartbeat checker sees them.
 
 ``send_ack`` marshals a ``basic.ack`` with ``struct`` and, on a plain TCP connection with
@@ -55,6 +57,9 @@ _ACK = struct.Struct(">BHIIQBB")  # type, channel, size 13, class+method, tag, m
 _ACK_ID = (60 << 16) | 80
 _FRAME = struct.Struct(">BHI")
 RECV_BYTES = 65536
+# The most of a delivery cut short by a read the lane keeps until the rest comes; a larger one
+# goes to pika frame by frame as it arrives (pika's heartbeat checker sees it arrive).
+HOLD_BYTES = 262144
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
@@ -234,20 +239,88 @@ class FastLaneConnection(LaneConnection, ConnectionHooks):
             return
         buffered = self.frame_buffer
         data = buffered + data_in if buffered else data_in
-        pos = frames = 0
-        size = len(data)
-        while pos < size and self._lane is lane:
-            pos, taken = take_delivery(data, pos, lane)
-            if not taken:
-                break
-            frames += taken
+        if buffered:
+            self.frame_buffer = b""
+        pos, frames, taken = feed(data, lane, self.pika_received, self._lane_is)
         if frames:
             self.frames_received += frames
-            self.bytes_received += pos
+            self.bytes_received += taken
         rest = data[pos:] if pos else data
-        self.frame_buffer = rest
         if rest:
-            self.pika_received(b"")
+            self.frame_buffer = rest
+            if self._lane is not lane:
+                self.pika_received(b"")  # the lane closed on the way: the rest is pika's
+
+    def _lane_is(self, lane: Lane) -> bool:
+        return self._lane is lane
+
+
+def feed(
+    data: bytes, lane: Lane, to_pika: Callable[[bytes], None], still_open: Callable[[Lane], bool]
+) -> tuple[int, int, int]:
+    """Hand the deliveries at the head of ``data`` to the lane, any other whole frame to pika.
+
+    Returns (the position up to which ``data`` was used, frames the lane took, their bytes).
+    What is left from that position is not whole yet (or the lane closed on the way): the
+    caller keeps it for the next read. The lane resumes after each frame pika takes, so a
+    publisher confirm, a qos-ok or a heartbeat among deliveries costs one frame's slow path,
+    not that of every delivery after it. Pika is handed whole frames only, one at a time: its
+    frame buffer is empty whenever the lane takes a delivery, so the order of frames is kept.
+    """
+    pos = frames = taken_bytes = 0
+    size = len(data)
+    while pos < size:
+        after, taken = take_delivery(data, pos, lane)
+        if taken:
+            frames += taken
+            taken_bytes += after - pos
+            pos = after
+            continue
+        whole = frame_size(data, pos)
+        if not whole or (size - pos <= HOLD_BYTES and cut_short(data, pos, lane)):
+            break  # the rest comes with the next read
+        to_pika(data[pos : pos + whole])
+        pos += whole
+        if not still_open(lane):
+            break
+    return pos, frames, taken_bytes
+
+
+def frame_size(data: bytes, pos: int) -> int:
+    """The length of the whole frame at ``data[pos:]``; 0 while part of it is still to come."""
+    if len(data) - pos < 7:
+        return 0
+    size: int = 8 + _U32.unpack_from(data, pos + 3)[0]
+    return size if pos + size <= len(data) else 0
+
+
+def cut_short(data: bytes, pos: int, lane: Lane) -> bool:
+    """Whether ``data[pos:]`` is the start of a delivery for ``lane`` whose other frames are
+    still to come (the lane takes it whole once they are there)."""
+    channel = lane.channel_number
+    size = frame_size(data, pos)
+    if size < 13 or data[pos] != _METHOD or _FRAME.unpack_from(data, pos)[1] != channel:
+        return False
+    n = data[pos + 11]
+    if _U32.unpack_from(data, pos + 7)[0] != _DELIVER or data[pos + 12 : pos + 12 + n] != lane.consumer_tag:
+        return False
+    pos += size
+    size = frame_size(data, pos)
+    if not size:
+        return True
+    if size < 22 or data[pos] != _HEADER or _FRAME.unpack_from(data, pos)[1] != channel:
+        return False
+    left = _U64.unpack_from(data, pos + 11)[0]
+    pos += size
+    while left > 0:
+        size = frame_size(data, pos)
+        if not size:
+            return True
+        if data[pos] != _BODY or _FRAME.unpack_from(data, pos)[1] != channel:
+            return False
+        left -= size - 8
+        pos += size
+    return False  # all there, and still not the lane's: pika's
 
 
 def connection_class(fast_lane: bool) -> type[LaneConnection]:
