@@ -34,6 +34,7 @@ import pika.frame
 import pika.spec
 from pika.adapters.select_connection import IOLoop
 
+from edm.amqp.properties import carried_over
 from edm.amqp.topology import Helpers, retry_queue
 from edm.config import AmqpConfig
 from edm.errors import LogWriteError
@@ -134,20 +135,7 @@ def republished_properties(message: Message, outcome: Outcome, queue: str) -> pi
     else:
         headers.pop(ATTEMPTS_HEADER, None)
     headers[QUEUE_HEADER] = queue
-    return pika.BasicProperties(
-        content_type=old.content_type,
-        content_encoding=old.content_encoding,
-        headers=headers,
-        delivery_mode=pika.DeliveryMode.Persistent,
-        priority=old.priority,
-        correlation_id=old.correlation_id,
-        reply_to=old.reply_to,
-        message_id=old.message_id,
-        timestamp=old.timestamp,
-        type=old.type,
-        app_id=old.app_id,
-        cluster_id=old.cluster_id,
-    )
+    return carried_over(old, headers)
 
 
 def widens(amqp: AmqpConfig) -> bool:

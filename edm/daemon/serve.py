@@ -65,9 +65,9 @@ def _preload(config: Config) -> None:
     """Import what the workers need while we can still read every directory (root's home may
     be closed to the target user, and a worker forks from us with these modules loaded).
     By name: the plugins' modules are imported only when enabled (their extras are optional)."""
-    modules = ["edm.amqp.consumer", "edm.worker.kinds", "edm.handlers", "pika.adapters.select_connection"]
+    modules = ["edm.worker.consumer", "edm.handlers", "pika.adapters.select_connection"]
     if plugins.enabled(config):
-        modules += ["edm.db", *plugins.preload_modules(config)]
+        modules += ["edm.worker.plugins", "edm.db", *plugins.preload_modules(config)]
     for name in modules:
         try:
             importlib.import_module(name)
