@@ -15,6 +15,7 @@ import pika
 import pytest
 
 from edm.cli.publish import (
+    _Publisher,
     bodies_from_args,
     bodies_from_file,
     bodies_from_lines,
@@ -270,3 +271,52 @@ def test_the_reader_stays_within_a_bounded_distance_of_the_broker(route):
     assert report.confirmed == 10_000
     # window bodies waiting in the hand-over queue + window unconfirmed + one in hand
     assert max(ahead) <= 2 * window + 1
+
+
+class _Frame:
+    def __init__(self, tag: int, multiple: bool) -> None:
+        self.method = pika.spec.Basic.Ack(delivery_tag=tag, multiple=multiple)
+
+
+class _Channel:
+    def __init__(self) -> None:
+        self.published: list[bytes] = []
+
+    def basic_publish(
+        self, _exchange: str, _key: str, body: bytes, _properties: object, mandatory: bool
+    ) -> None:
+        self.published.append(body)
+
+
+class _Loop:
+    def __init__(self) -> None:
+        self.callbacks: list[object] = []
+
+    def add_callback_threadsafe(self, callback: object) -> None:
+        self.callbacks.append(callback)
+
+
+def test_a_confirm_that_empties_a_full_window_lets_the_next_body_wake_the_loop() -> None:
+    """Given a pump that stopped at a full window (its wake flag still set) and the window's
+    confirms arriving while the reader has nothing queued, when the reader queues the next body,
+    then the loop is woken to publish it (before, both sides waited for each other for ever)."""
+    publisher = _Publisher([BROKER_URL], "x", "key", iter(()), window=2, progress=None)
+    publisher.ioloop.close()
+    loop, channel = _Loop(), _Channel()
+    publisher.ioloop = loop  # type: ignore[assignment]
+    publisher.channel = channel
+    publisher.wake_pending = False
+    for body in (b"1", b"2"):
+        publisher.queue.append(body)
+    publisher._wake()
+    assert len(loop.callbacks) == 1
+    publisher._pump()  # publishes 1 and 2 and stops: the window is full, the queue empty
+    assert channel.published == [b"1", b"2"]
+    publisher._on_confirm(_Frame(2, multiple=True))  # the window empties with nothing queued
+
+    publisher.queue.append(b"3")
+    publisher._wake()
+
+    assert len(loop.callbacks) == 2
+    loop.callbacks[-1]()  # type: ignore[operator]
+    assert channel.published == [b"1", b"2", b"3"]

@@ -389,7 +389,10 @@ class _Publisher:
             self.report.nacked += settled
         else:
             self.report.acked += settled
-        if not self.input_done and self.queue:
+        if not self.input_done:
+            # Even with nothing queued: a pump that stopped at a full window left its wake
+            # flag set, and only a pump that finds the queue empty clears it so that the
+            # reader's next body wakes the loop (else both would wait for each other).
             self._pump()
         else:
             self._maybe_done()
