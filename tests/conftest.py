@@ -64,6 +64,11 @@ def amqp_channel() -> tuple[pika.BlockingConnection, Any]:
     return connection, connection.channel()
 
 
+def helper_queues(queue: str, delays: tuple[float, ...] = (1.0, 10.0, 60.0, 300.0)) -> set[str]:
+    """``<queue>.dead`` and the delay queues of ``delays`` (the default ones and a test's 1 s)."""
+    return {f"{queue}.dead"} | {retry_queue(queue, delay) for delay in delays}
+
+
 def delete_topology(queues: set[str], exchanges: set[str]) -> None:
     """Delete the queues, and the exchanges with their ``.dead`` companions, a test made."""
     connection, channel = amqp_channel()

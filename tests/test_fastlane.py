@@ -10,7 +10,7 @@ import pika
 import pika.frame
 import pika.spec
 import pytest
-from conftest import AMQP_URL, amqp_channel, delete_topology, unique
+from conftest import AMQP_URL, amqp_channel, delete_topology, helper_queues, unique
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -232,7 +232,7 @@ def test_a_message_decodes_its_properties_once_and_only_when_asked() -> None:
 def names() -> Iterator[str]:
     name = unique("fastlane")
     yield name
-    delete_topology({name, f"{name}.dead", f"{name}.retry.1000"}, {name})
+    delete_topology({name} | helper_queues(name), {name})
 
 
 def consume(

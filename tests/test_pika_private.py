@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import delete_topology, unique
+from conftest import delete_topology, helper_queues, unique
 from pika.adapters.select_connection import IOLoop, SelectConnection
 
 from edm.amqp import _pika_private
@@ -100,7 +100,7 @@ def test_a_missing_internal_switches_the_fast_lane_off_with_one_warning(patch: s
 def names() -> Iterator[str]:
     name = unique("pikaprivate")
     yield name
-    delete_topology({name, f"{name}.dead"}, {name})
+    delete_topology({name} | helper_queues(name), {name})
 
 
 def test_the_consumer_works_on_the_plain_path_when_an_internal_is_missing(names: str) -> None:
