@@ -11,7 +11,7 @@ the last (the lines' own timestamps), each run checked: every message logged exa
 * ``cpu``: a handler that burns ~2 ms of CPU (a fixed number of SHA-256 rounds, calibrated
   here) at ``workers`` 1 and 2, one thread each. Goal: at least 1.7× from 1 to 2 workers; the
   broker's CPU (beam.smp) over the same run is printed, since it shares the 2 cores.
-* ``inline``: ``threads: 1, workers: 1`` with the log handler, 20,000 × 100 B prefilled, at
+* ``inline``: ``threads: 1, workers: 1`` with the log handler, ``--count`` (50,000) × 100 B prefilled, at
   prefetch 1 and 50, from this tree and from a checkout of the code before handler threads
   (``--before``, its own ``.venv``), alternating, median of ``--reps``. Goal: within 5 %.
 * ``rss``: the consumer process's RSS at threads 2 and 32 (per extra thread), and all
@@ -168,17 +168,22 @@ def once(
     try:
         pids = daemon.start()
         watch = daemon.watch()
+        # CPU is counted from a fifth of the messages on: the start (imports, connection,
+        # declarations) is not a message's cost and would weigh on short runs
+        wait_lines(watch, count // 5, pids=pids)
         beam_before = cpu_seconds([beam]) if beam else 0.0
         edm_before = cpu_seconds(pids)
+        seen = watch.count
         wall = time.monotonic()
         wait_lines(watch, count, pids=pids)
         wall = time.monotonic() - wall
         beam_cpu = cpu_seconds([beam]) - beam_before if beam else None
         edm_cpu = cpu_seconds(daemon.pids()) - edm_before
+        counted = max(watch.count - seen, 1)
         out["broker_cores"] = beam_cpu / wall if beam_cpu is not None else None
         out["edm_cores"] = edm_cpu / wall
-        out["edm_us"] = edm_cpu / count * 1e6  # edm's CPU a message, all its processes
-        out["broker_us"] = beam_cpu / count * 1e6 if beam_cpu is not None else None
+        out["edm_us"] = edm_cpu / counted * 1e6  # edm's CPU a message, all its processes
+        out["broker_us"] = beam_cpu / counted * 1e6 if beam_cpu is not None else None
         if measure:
             main = daemon.main_pid()
             workers = children(main) if main else []
@@ -254,16 +259,22 @@ def part_cpu(broker: Broker, base: Path, tag: str, reps: int) -> None:
 
 
 def part_inline(
-    broker: Broker, base: Path, tag: str, reps: int, before: Path, prefetches: tuple[int, ...] = (1, 50)
+    broker: Broker,
+    base: Path,
+    tag: str,
+    reps: int,
+    before: Path,
+    prefetches: tuple[int, ...] = (1, 50),
+    count: int = 50000,
 ) -> None:
-    print(f"inline: threads 1, workers 1, log handler, 20,000 x 100 B; this tree vs {before}")
+    print(f"inline: threads 1, workers 1, log handler, {count:,} x 100 B; this tree vs {before}")
     print(f"  {'prefetch':>8} {'':>6} {'msg/s':>8} {'edm µs/msg':>10} {'broker µs/msg':>13}")
     for prefetch in prefetches:
         found: dict[str, list[dict[str, Any]]] = {"before": [], "now": []}
         for rep in range(reps):
             order = (("before", before), ("now", None))
             for which, root in order if rep % 2 == 0 else tuple(reversed(order)):
-                found[which].append(run(broker, base, f"{tag}i{prefetch}{which}", 20000, prefetch, root=root))
+                found[which].append(run(broker, base, f"{tag}i{prefetch}{which}", count, prefetch, root=root))
         medians = {}
         for which, runs in found.items():
             rate = statistics.median(r["msgs_per_s"] for r in runs)
@@ -311,12 +322,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--before", type=Path, default=Path("/work/wt/before"), help="checkout of the code before")
     p.add_argument("--prefetch", default="1,50", help="inline: the prefetches to compare")
+    p.add_argument("--count", type=int, default=50000, help="inline: messages a run")
+    p.add_argument(
+        "--pin",
+        type=int,
+        default=None,
+        help="run this script and the daemons it starts on this CPU only",
+    )
     p.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     args = p.parse_args(argv)
     parts = [part for part in args.parts.split(",") if part]
     unknown = set(parts) - set(PARTS)
     if unknown:
         p.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    if args.pin is not None:
+        os.sched_setaffinity(0, {args.pin})  # inherited by every daemon started from here
     broker = Broker(args.url)
     tag = unique_name("conc", "run")[len("edm-bench-") :]
     base = Path(tempfile.mkdtemp(prefix="edm-bench-conc-"))
@@ -334,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.reps,
                 args.before.resolve(),
                 tuple(int(x) for x in args.prefetch.split(",")),
+                args.count,
             )
         if "rss" in parts:
             part_rss(broker, base, tag)

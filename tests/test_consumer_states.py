@@ -89,8 +89,6 @@ class FakeChannel:
         self.prefetch = 0
         self.qos: list[int] = []  # every basic.qos asked, in order
         self.qos_global: list[bool] = []  # and whether it was the channel's (global)
-        self.hold_qos = False  # qos-oks wait in held_qos for the test
-        self.held_qos: list[Callable[[], None]] = []
 
     def add_on_close_callback(self, callback: Callable[[Any, BaseException], None]) -> None:
         self.on_close.append(callback)
@@ -119,10 +117,7 @@ class FakeChannel:
         self.qos_global.append(global_qos)
         self.prefetch = prefetch_count
         self.qos.append(prefetch_count)
-        if self.hold_qos:
-            self.held_qos.append(lambda: callback(_frame(pika.spec.Basic.QosOk())))
-        else:
-            callback(_frame(pika.spec.Basic.QosOk()))
+        callback(_frame(pika.spec.Basic.QosOk()))
 
     def basic_consume(self, _queue: str, on_message: Callable[..., None], auto_ack: bool) -> str:
         self.on_message = on_message
@@ -462,70 +457,33 @@ def _fail_bad(message: Message) -> None:
         raise ValueError("smtp down")
 
 
-def test_a_republish_awaiting_its_confirm_widens_the_window_until_it_is_confirmed() -> None:
-    # Given a consumer at prefetch 1
-    rig = Rig(_fail_bad, prefetch=1, retry_delays=(1.0,))
-    channel = _open(rig)
-    assert channel.qos == [1]
-
-    # When a message fails: its copy goes to the delay queue, the original waits for the confirm
-    channel.deliver(1, b"bad 1")
-    rig.handle()
-
-    # Then the window grows by one, so the next message flows (and is acked) meanwhile
-    assert channel.qos == [1, 2] and channel.acks == []
-    channel.deliver(2, b"good")
-    channel.deliver(3, b"bad 3")
-    rig.handle()
-    assert rig.connection.sent_acks == [2] and channel.acks == []
-    assert channel.qos == [1, 2, 3]  # two copies unconfirmed
-
-    # And each confirm acks its original, then narrows the window back
-    channel.confirm(1)
-    assert channel.acks == [1] and channel.qos[-1] == 2
-    channel.confirm(2)
-    assert channel.acks == [1, 3] and channel.qos == [1, 2, 3, 2, 1]
-    assert channel.prefetch == 1
-    # the channel's window: RabbitMQ applies a per-consumer one to later consumers only
-    assert channel.qos_global == [True] * 5
-
-
 @pytest.mark.parametrize(
     "amqp",
     [
-        pytest.param({"queue_arguments": {"x-queue-type": "quorum"}}, id="quorum: no global qos"),
-        pytest.param({"prefetch": 5}, id="prefetch 5: the other places flow"),
+        pytest.param({"prefetch": 1}, id="prefetch 1"),
+        pytest.param({"queue_arguments": {"x-queue-type": "quorum"}}, id="quorum"),
+        pytest.param({"prefetch": 5}, id="prefetch 5"),
     ],
 )
-def test_elsewhere_the_window_is_per_consumer_and_stays(amqp: dict[str, Any]) -> None:
+def test_the_window_is_per_consumer_and_never_changes_while_confirms_are_owed(amqp: dict[str, Any]) -> None:
+    # Given a consumer: one per-consumer basic.qos of its prefetch
     rig = Rig(_fail_bad, retry_delays=(1.0,), **amqp)
     channel = _open(rig)
-    first = channel.qos[:]
-    channel.deliver(1, b"bad 1")
-    rig.handle()
-    assert channel.published and channel.qos == first and channel.qos_global == [False]
-    channel.confirm(1)
-    assert channel.acks == [1] and channel.qos == first
+    expected = amqp.get("prefetch", 1)
+    assert channel.qos == [expected] and channel.qos_global == [False]
 
-
-def test_the_window_changes_one_basic_qos_at_a_time_to_the_latest_need() -> None:
-    rig = Rig(_fail_bad, prefetch=1, retry_delays=(1.0,))
-    channel = _open(rig)
-    channel.hold_qos = True
-
-    for tag in (1, 2, 3):
+    # When messages fail and their copies await their confirms, one confirmed at a time
+    for tag in (1, 2):
         channel.deliver(tag, b"bad %d" % tag)
     rig.handle()
-    assert channel.qos == [1, 2]  # the first asked; the others wait for its qos-ok
+    assert len(channel.published) == 2 and channel.acks == []
+    channel.confirm(1)
+    channel.confirm(2)
 
-    channel.held_qos.pop()()
-    assert channel.qos == [1, 2, 4]  # the need meanwhile: three unconfirmed
-    channel.confirm(3, multiple=True)  # all three confirmed at once: acked, no qos yet
-    assert channel.acks == [1, 2, 3] and channel.qos == [1, 2, 4]
-    channel.held_qos.pop()()
-    assert channel.qos == [1, 2, 4, 1]  # back to the prefetch
-    channel.held_qos.pop()()
-    assert channel.qos == [1, 2, 4, 1] and not channel.held_qos  # settled: nothing more asked
+    # Then each original is acked on its confirm, and no other basic.qos was ever sent (a
+    # channel-wide one would cost the broker on every delivery)
+    assert channel.acks == [1, 2]
+    assert channel.qos == [expected] and channel.qos_global == [False]
 
 
 def test_a_stop_waits_for_the_confirm_of_a_dead_letter() -> None:
