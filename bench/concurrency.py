@@ -40,6 +40,7 @@ from bench.harness import (
     BenchError,
     Broker,
     EdmDaemon,
+    Scraper,
     Sentinel,
     bodies,
     broker_pid,
@@ -97,8 +98,10 @@ def calibrate(target: float = CPU_TARGET) -> tuple[int, float]:
 class TreeDaemon(EdmDaemon):
     """An edm from another checkout (its own Python), or from this one when ``root`` is None."""
 
-    def __init__(self, base: Path, url: str, name: str, prefetch: int, root: Path | None = None) -> None:
-        super().__init__(base, url, name, prefetch)
+    def __init__(
+        self, base: Path, url: str, name: str, prefetch: int, root: Path | None = None, metrics: bool = False
+    ) -> None:
+        super().__init__(base, url, name, prefetch, metrics)
         self.root = root
 
     def cli(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -155,18 +158,25 @@ def once(
     prefetch: int,
     root: Path | None = None,
     measure: bool = False,
+    metrics: bool = False,
     **amqp: Any,
 ) -> dict[str, Any]:
-    """Prefill ``count`` messages, start edm with ``amqp`` settings, wait for all, stop it."""
+    """Prefill ``count`` messages, start edm with ``amqp`` settings, wait for all, stop it.
+
+    With ``metrics``, ``metrics.listen`` is set and /metrics is scraped every second meanwhile.
+    """
     name = unique_name(tag, "q")
     broker.declare(name)
     broker.prefill(name, bodies(count, 100), count)
-    daemon = TreeDaemon(base / name, broker.url, name, prefetch, root)
+    daemon = TreeDaemon(base / name, broker.url, name, prefetch, root, metrics)
     daemon.amqp(**amqp)
     beam = broker_pid()
     out: dict[str, Any] = {}
+    scraper: Scraper | None = None
     try:
         pids = daemon.start()
+        if daemon.listen is not None:
+            scraper = Scraper(daemon.listen)
         watch = daemon.watch()
         # CPU is counted from a fifth of the messages on: the start (imports, connection,
         # declarations) is not a message's cost and would weigh on short runs
@@ -189,8 +199,14 @@ def once(
             workers = children(main) if main else []
             out["rss_workers"] = [rss_bytes(p) for p in workers]
             out["rss_total"] = sum(rss_bytes(p) for p in daemon.pids())
+        if scraper is not None:
+            scraper.stop()
+            if not scraper.scrapes or scraper.errors:
+                raise BenchError(f"/metrics: {scraper.scrapes} scrapes, {scraper.errors} failed")
         daemon.stop()
     except BaseException:
+        if scraper is not None:
+            scraper.stop()
         daemon.kill()
         raise
     check = watch.verify(count)

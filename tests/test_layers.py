@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from edm.worker.kinds import WORKERS as WORKERS_BY_KIND
+from edm.worker.kinds import worker_main
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "edm"
 
@@ -59,6 +62,9 @@ ALLOWED_LOCAL_IMPORTS = {
     ("edm/cli/main.py", "edm.cli"): "edm.cli.dead: pika loads only for the commands that talk to the broker",
     ("edm/cli/main.py", "edm.cli.keys"): "pyzmq (an optional extra) loads only for `edm keys`",
     ("edm/cli/main.py", "edm.cli.tail"): "each command loads only what it uses",
+    ("edm/metrics/__init__.py", "edm.metrics.http"): (
+        "prometheus_client and the HTTP server (~3 MiB of RSS) load only once metrics.listen is set"
+    ),
 }
 
 
@@ -95,7 +101,7 @@ def forbidden(module: str) -> tuple[tuple[str, ...], bool]:
         return PIKA + ZMQ + SUPERVISOR + WORKERS, False  # `edm status` stays light
     if is_command(module):
         return SUPERVISOR + WORKERS, False
-    if module in ("edm", "edm.cli", "edm.metrics"):
+    if module in ("edm", "edm.cli", "edm.metrics", "edm.metrics.http"):
         return PIKA + ZMQ + SUPERVISOR + WORKERS, True
     raise AssertionError(f"{module}: in no layer of tests/test_layers.py; give it one")
 
@@ -182,3 +188,35 @@ def test_the_local_import_finder_finds_them(tmp_path: Path) -> None:
         "class C:\n    def m(self):\n        from edm.db import Database\n"
     )
     assert list(_local_imports(source)) == [(6, "pika"), (10, "edm.db")]
+
+
+def test_the_main_process_loads_no_workers_modules_and_no_exporter_while_metrics_are_off() -> None:
+    """Given what the main process imports (the CLI, the daemon, the supervisor) and the worker
+    kinds it starts, nothing of a worker is loaded (each worker imports its own after the fork)
+    and nothing of the metrics' HTTP side: the supervisor, and every worker forked from it, stay
+    small."""
+    probe = (
+        "import json, sys; import edm.cli.main, edm.daemon.serve, edm.daemon.supervisor; "
+        "from edm.worker.kinds import WORKERS, Kind; kinds = [Kind(k) for k in WORKERS]; "
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = set(json.loads(result.stdout))
+    workers_own = (
+        "pika",
+        "zmq",
+        "pymysql",
+        "dbutils",
+        "edm.amqp",
+        "edm.worker.consumer",
+        "edm.worker.plugins",
+    )
+    assert sorted(n for n in loaded if _within(n, workers_own)) == []
+
+
+def test_a_worker_kind_resolves_its_main_when_called() -> None:
+    for kind in WORKERS_BY_KIND:
+        assert callable(worker_main(kind)), kind

@@ -31,6 +31,7 @@ from rabbitnode import free_base, running_cluster
 from edm.config import parse
 from edm.errors import ConfigError
 from edm.metrics import BUCKETS, FEE_RESULTS, Exporter, Latency, Ledger, View, health
+from edm.metrics.http import registry
 
 NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -130,7 +131,7 @@ def test_smtp_replies_are_counted_by_code_and_only_bounded_labels_pass() -> None
     exporter = Exporter()
     exporter.ledger = ledger
     exporter.publish({"workers": {}})
-    text = generate_latest(exporter.registry).decode()
+    text = generate_latest(registry(lambda: exporter.view)).decode()
     assert 'edm_smtp_replies_total{code="250"} 7.0' in text
     assert 'edm_smtp_replies_total{code="timeout"} 1.0' in text
     assert "999" not in text and "script" not in text
@@ -140,7 +141,7 @@ def test_no_smtp_metric_without_smtp_replies() -> None:
     exporter = Exporter()
     exporter.ledger.report("consumer", {"handled": 1})
     exporter.publish({"workers": {}})
-    assert "edm_smtp_replies" not in generate_latest(exporter.registry).decode()
+    assert "edm_smtp_replies" not in generate_latest(registry(lambda: exporter.view)).decode()
 
 
 def test_latency_buckets_span_microseconds_to_a_minute() -> None:
@@ -507,7 +508,7 @@ def exported_names() -> set[str]:
     plugins = {"state": "RUNNING", "pid": 3, "restarts": 0, "plugins": {"fee": fee}}
     exporter.ledger.report("consumer", {"handled": 1, "latency": Latency().report()})
     exporter.publish({"workers": {"consumer": consumer, "plugins": plugins}})
-    text = generate_latest(exporter.registry).decode()
+    text = generate_latest(registry(lambda: exporter.view)).decode()
     families = list(text_string_to_metric_families(text))
     return {f.name for f in families} | {s.name for f in families for s in f.samples}
 

@@ -34,6 +34,7 @@ from edm.daemon.pidfile import Pidfile
 from edm.daemon.spawn import EXIT_BOOT, EXIT_CRASH
 from edm.daemon.supervisor import Supervisor
 from edm.logs import DailyLog
+from edm.worker.kinds import Kind
 from edm.worker.loop import apply_log_settings
 
 CRASHED = EXIT_CRASH << 8  # waitpid statuses
@@ -115,6 +116,12 @@ def run_until_running(supervisor: Supervisor, clock: Clock, worker: Worker) -> N
     clock.advance(STARTSECS)
     supervisor.manage()
     assert worker.state is WorkerState.RUNNING
+
+
+def test_the_supervisor_hands_the_fork_a_kind_that_imports_its_main_there(machine: Machine) -> None:
+    _, _, spawner = machine
+    [(main, _config)] = spawner.started
+    assert main == Kind("consumer")  # not the function: the main process never imports it
 
 
 def test_starting_becomes_running_only_after_ready_and_the_grace_time(

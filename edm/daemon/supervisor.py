@@ -34,7 +34,7 @@ from edm.daemon.statusfile import (
 )
 from edm.errors import ConfigError
 from edm.logs import DailyLog
-from edm.worker.kinds import worker_main
+from edm.worker.kinds import Kind
 from edm.worker.loop import SignalPipe, apply_log_settings
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,9 @@ class Supervisor:
         return None
 
     def start_worker(self, worker: Worker) -> None:
-        main = worker_main(kind_of(worker.name))
-        pid, conn = self.spawner(main, worker.config or self.config, self._close_in_child)
+        pid, conn = self.spawner(
+            Kind(kind_of(worker.name)), worker.config or self.config, self._close_in_child
+        )
         worker.spawned(pid, conn, self.clock())
         log.info("Started the %s worker (pid %d).", worker.name, pid)
 
