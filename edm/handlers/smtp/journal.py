@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 3600.0  # seconds between deletions of old rows
 BUSY_TIMEOUT = 30.0  # seconds to wait for another thread or worker's write
+OPEN_RETRY = 0.01  # seconds before the first new try of an open that found the journal locked
 
 
 class Journal:
@@ -32,20 +33,43 @@ class Journal:
         self.keep = keep_days * 86400.0
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.db = sqlite3.connect(
-                str(path), timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-            )
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute(
-                "CREATE TABLE IF NOT EXISTS sent ("
-                " message_id TEXT PRIMARY KEY, sent_at REAL NOT NULL, recipients TEXT NOT NULL)"
-            )
-            self.db.execute("CREATE INDEX IF NOT EXISTS sent_at ON sent (sent_at)")
+            self.db = self._open(time.monotonic() + BUSY_TIMEOUT)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"smtp.journal: cannot open {path}: {exc}") from None
         self._pruned = 0.0
         self.prune()
+
+    def _open(self, deadline: float) -> sqlite3.Connection:
+        """Connect, switch to WAL and create the table, again while another process does the same.
+
+        Workers that start together open a new journal at once, and sqlite answers "database is
+        locked" at once, without its busy timeout, to one of two connections that both want the
+        exclusive lock of the switch to WAL or of the first write.
+        """
+        wait = OPEN_RETRY
+        while True:
+            db = sqlite3.connect(
+                str(self.path), timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS sent ("
+                    " message_id TEXT PRIMARY KEY, sent_at REAL NOT NULL, recipients TEXT NOT NULL)"
+                )
+                db.execute("CREATE INDEX IF NOT EXISTS sent_at ON sent (sent_at)")
+                return db
+            except sqlite3.OperationalError as exc:
+                db.close()
+                contended = "locked" in str(exc) or "busy" in str(exc)
+                if not contended or time.monotonic() + wait > deadline:
+                    raise
+            except BaseException:
+                db.close()
+                raise
+            time.sleep(wait)  # at start, in the worker: no message waits
+            wait = min(wait * 2, 1.0)
 
     def delivered(self, message_id: str) -> set[str]:
         """The recipients that got this Message-ID already (empty when it is not in the journal)."""
