@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -291,19 +290,26 @@ def part_inline(
             order = (("before", before), ("now", None))
             for which, root in order if rep % 2 == 0 else tuple(reversed(order)):
                 found[which].append(run(broker, base, f"{tag}i{prefetch}{which}", count, prefetch, root=root))
-        medians = {}
-        for which, runs in found.items():
-            rate = statistics.median(r["msgs_per_s"] for r in runs)
-            edm = statistics.median(r["edm_us"] for r in runs)
-            beam = [r["broker_us"] for r in runs if r["broker_us"] is not None]
-            shown = f"{statistics.median(beam):.1f}" if beam else "?"
-            medians[which] = (rate, edm)
-            print(f"  {prefetch:>8} {which:>6} {rate:>8.0f} {edm:>10.1f} {shown:>13}")
-            print(f"  {'':>8} {'':>6} runs {[round(r['msgs_per_s']) for r in runs]}")
+        medians = print_medians(prefetch, found)
         rate = medians["now"][0] / medians["before"][0]
         cpu = medians["now"][1] / medians["before"][1]
         verdict = "OK" if rate >= 0.95 and cpu <= 1.05 else "MISS"
         print(f"  {'':>8} now/before: msg/s {rate:.3f}, edm µs/msg {cpu:.3f}  goal within 5 %: {verdict}")
+
+
+def print_medians(prefetch: int, found: dict[str, list[dict[str, Any]]]) -> dict[str, tuple[float, float]]:
+    """Print each side's median msg/s, edm's and the broker's µs a message, and its runs'
+    rates; return each side's (msg/s, edm µs/msg) medians."""
+    medians = {}
+    for which, runs in found.items():
+        rate = statistics.median(r["msgs_per_s"] for r in runs)
+        edm = statistics.median(r["edm_us"] for r in runs)
+        beam = [r["broker_us"] for r in runs if r["broker_us"] is not None]
+        shown = f"{statistics.median(beam):.1f}" if beam else "?"
+        medians[which] = (rate, edm)
+        print(f"  {prefetch:>8} {which:>6} {rate:>8.0f} {edm:>10.1f} {shown:>13}")
+        print(f"  {'':>8} {'':>6} runs {[round(r['msgs_per_s']) for r in runs]}")
+    return medians
 
 
 def part_rss(broker: Broker, base: Path, tag: str) -> None:
@@ -375,9 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         if "rss" in parts:
             part_rss(broker, base, tag)
     finally:
-        for problem in broker.cleanup():
-            print(f"cleanup: {problem}", file=sys.stderr)
-        shutil.rmtree(base, ignore_errors=True)
+        broker.clean_up(base)
     return 0
 
 

@@ -8,6 +8,7 @@ by process name), temp directories by path.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -179,6 +180,13 @@ class Broker:
             except Exception as exc:
                 problems.append(f"cannot delete {name}: {exc}")
         return problems
+
+    def clean_up(self, workdir: Path | None = None) -> None:
+        """Delete what the run declared (saying on stderr what could not be) and its work dir."""
+        for problem in self.cleanup():
+            print(f"cleanup: {problem}", file=sys.stderr)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 class Sentinel:

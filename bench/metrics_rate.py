@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.concurrency import run
+from bench.concurrency import print_medians, run
 from bench.harness import Broker, unique_name
 
 
@@ -42,15 +40,7 @@ def compare(broker: Broker, base: Path, tag: str, reps: int, count: int, prefetc
             found[which].append(
                 run(broker, base, f"{tag}m{prefetch}{which}", count, prefetch, metrics=which == "on")
             )
-    medians: dict[str, tuple[float, float]] = {}
-    for which, runs in found.items():
-        rate = statistics.median(r["msgs_per_s"] for r in runs)
-        edm = statistics.median(r["edm_us"] for r in runs)
-        beam = [r["broker_us"] for r in runs if r["broker_us"] is not None]
-        shown = f"{statistics.median(beam):.1f}" if beam else "?"
-        medians[which] = (rate, edm)
-        print(f"  {prefetch:>8} {which:>4} {rate:>8.0f} {edm:>10.1f} {shown:>13}")
-        print(f"  {'':>8} {'':>4} runs {[round(r['msgs_per_s']) for r in runs]}")
+    medians = print_medians(prefetch, found)
     rate = medians["on"][0] / medians["off"][0]
     cpu = medians["on"][1] / medians["off"][1]
     verdict = "OK" if rate >= 0.97 else "MISS"
@@ -72,14 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="edm-bench-metrics-"))
     print(f"{os.cpu_count()} CPUs; broker {broker.server_properties().get('version', '?')}")
     print(f"metrics off and on: log handler, {args.count:,} x 100 B a run, {args.reps} repetitions")
-    print(f"  {'prefetch':>8} {'':>4} {'msg/s':>8} {'edm µs/msg':>10} {'broker µs/msg':>13}")
+    print(f"  {'prefetch':>8} {'':>6} {'msg/s':>8} {'edm µs/msg':>10} {'broker µs/msg':>13}")
     try:
         for prefetch in (int(x) for x in args.prefetch.split(",")):
             compare(broker, base, tag, args.reps, args.count, prefetch)
     finally:
-        for problem in broker.cleanup():
-            print(f"cleanup: {problem}", file=sys.stderr)
-        shutil.rmtree(base, ignore_errors=True)
+        broker.clean_up(base)
     return 0
 
 

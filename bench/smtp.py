@@ -11,7 +11,11 @@ and in the same run:
 - edm, ``amqp.handler: smtp``, with ``workers × threads = C`` handlers (a few splits);
 - Celery, ``--pool threads`` and ``--pool prefork``, ``--concurrency C``, ``acks_late``,
   prefetch multiplier 1, the task of ``bench/celery_smtp.py`` (``EmailMessage`` + ``smtplib``
-  over a per-thread session).
+  over a per-thread session);
+- ``bare`` (``--systems bare``): the ceiling of this machine and this server, C threads of
+  one process each sending prebuilt messages over its own ``smtplib`` session, no broker, no
+  building, no journal: what is left of the limit there is the server's own time and the
+  round trips, which no sender can avoid.
 
 Each run pre-fills a fresh queue with ``--jobs`` jobs (the same job for both: text + html,
 an unsubscribe URL, its own id), starts the consumer, and measures between the server's
@@ -79,7 +83,7 @@ def free_port() -> int:
 class Sink:
     """The SMTP server process and what it received."""
 
-    def __init__(self, base: Path, delay: float) -> None:
+    def __init__(self, base: Path, delay: float, processes: int = 1) -> None:
         self.port = free_port()
         self.out = base / f"received-{self.port}.txt"
         self.out.touch()
@@ -91,6 +95,8 @@ class Sink:
                 str(self.port),
                 "--delay",
                 str(delay),
+                "--processes",
+                str(processes),
                 "--out",
                 str(self.out),
             ],
@@ -287,6 +293,67 @@ def run_celery(
     )
 
 
+def run_bare(sink: Sink, concurrency: int, jobs: int, warmup: int, delay: float) -> Result:
+    sink.reset()
+    what = "bare smtplib"
+    tag = unique_name("smtp", "bare")[-6:]
+    sender = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            BARE,
+            str(sink.port),
+            str(concurrency),
+            str(jobs),
+            tag,
+            json.dumps(job(0, "x")),
+        ]
+    )
+    try:
+        rate, cpu, rss = measure(sink, lambda: [sender.pid], jobs, warmup, timeout=60 + jobs * delay * 2)
+        check_once(sink, jobs, what)
+        if sender.wait(timeout=60) != 0:
+            raise BenchError(f"{what}: the sender exited with {sender.returncode}")
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    return Result(
+        what, concurrency, jobs, rate, rate / (concurrency / delay), cpu / (jobs - warmup) * 1e6, rss / 2**20
+    )
+
+
+BARE = """
+import json, smtplib, sys, threading
+from email.message import EmailMessage
+from email.policy import SMTP
+port, concurrency, jobs = (int(a) for a in sys.argv[1:4])
+tag, template = sys.argv[4], json.loads(sys.argv[5])
+messages = []
+for n in range(jobs):
+    m = EmailMessage()
+    m["From"], m["To"], m["Subject"] = template["from"], f"reader{n}@example.com", f"Our news, issue {n}"
+    m["Message-ID"] = f"<{tag}-{n}@bench.example>"
+    m.set_content(template["text"])
+    m.add_alternative(template["html"], subtype="html")
+    messages.append((f"reader{n}@example.com", m.as_bytes(policy=SMTP)))
+lock, todo = threading.Lock(), iter(messages)
+def send():
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="bare.bench") as session:
+        while True:
+            with lock:
+                item = next(todo, None)
+            if item is None:
+                return
+            session.sendmail(template["from"], [item[0]], item[1])
+threads = [threading.Thread(target=send) for _ in range(concurrency)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+
 PUBLISH = """
 import json, sys
 from celery_smtp import app, send_mail
@@ -331,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--prefetch", type=int, default=1, help="edm's amqp.prefetch per handler thread (Celery's is 1)"
     )
-    p.add_argument("--systems", nargs="+", default=["edm", "threads", "prefork"])
+    p.add_argument("--systems", nargs="+", default=["edm", "threads", "prefork"], help="and bare")
+    p.add_argument("--sink-processes", type=int, default=1, help="SMTP server processes sharing its port")
     p.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args(argv)
@@ -339,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     broker = Broker(args.url)
     base = Path(tempfile.mkdtemp(prefix="edm-bench-smtp-"))
     results: list[Result] = []
-    sink = Sink(base, args.delay)
+    sink = Sink(base, args.delay, args.sink_processes)
     try:
         for c in args.concurrency:
             if "edm" in args.systems:
@@ -349,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     results.append(result)
                     print(table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+            if "bare" in args.systems:
+                results.append(run_bare(sink, c, args.jobs, warmup, args.delay))
+                print(table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
             for pool in ("threads", "prefork"):
                 if pool in args.systems:
                     results.append(run_celery(broker, sink, pool, c, args.jobs, warmup, args.delay))

@@ -1,8 +1,9 @@
 """The SMTP server of bench/smtp.py: aiosmtpd in a process of its own, each message answered after a delay.
 
-    python bench/smtp_sink.py --port 2525 --delay 0.02 --out received.txt
+    python bench/smtp_sink.py --port 2525 --delay 0.02 --out received.txt [--processes N]
 
-Many sessions at once on one asyncio loop; each reply to the end of DATA waits ``--delay``
+Many sessions at once on one asyncio loop (or ``--processes`` loops in as many processes,
+sharing the port with SO_REUSEPORT); each reply to the end of DATA waits ``--delay``
 seconds (``asyncio.sleep``: the sessions wait side by side). Offers PIPELINING, as Postfix
 does. Writes one line per message accepted, ``<unix time> <Message-ID>``, flushed, so the
 bench counts what arrived and checks that each job arrived exactly once. Prints ``ready``
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import signal
 import sys
@@ -47,7 +49,7 @@ class Sink:
         return "250 2.0.0 Ok: queued"
 
 
-async def serve(port: int, delay: float, out: IO[str]) -> None:
+async def serve(port: int, delay: float, out: IO[str], say_ready: bool) -> None:
     loop = asyncio.get_running_loop()
     sink = Sink(delay, out)
     server = await loop.create_server(
@@ -55,11 +57,13 @@ async def serve(port: int, delay: float, out: IO[str]) -> None:
         "127.0.0.1",
         port,
         backlog=256,
+        reuse_port=True,  # --processes: the kernel spreads the sessions over the processes
     )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    print("ready", flush=True)
+    if say_ready:
+        print("ready", flush=True)
     await stop.wait()
     server.close()
 
@@ -69,10 +73,25 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay", type=float, default=0.02)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--processes", type=int, default=1, help="server processes sharing the port")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    with open(args.out, "a", encoding="ascii") as out:
-        asyncio.run(serve(args.port, args.delay, out))
+    helpers = []
+    for _ in range(args.processes - 1):
+        pid = os.fork()
+        if pid == 0:  # a helper: serves until SIGTERM from the first process
+            with open(args.out, "a", encoding="ascii") as out:
+                asyncio.run(serve(args.port, args.delay, out, say_ready=False))
+            os._exit(0)
+        helpers.append(pid)
+    try:
+        with open(args.out, "a", encoding="ascii") as out:  # O_APPEND: whole lines, never mixed
+            asyncio.run(serve(args.port, args.delay, out, say_ready=True))
+    finally:
+        for pid in helpers:
+            os.kill(pid, signal.SIGTERM)
+        for pid in helpers:
+            os.waitpid(pid, 0)
     return 0
 
 
