@@ -48,20 +48,32 @@ def instructions(path: Path) -> int:
 
 
 def one_run(
-    broker: Broker, base: Path, messages: int, prefetch: int, metrics: bool, scrapes: int = 0
+    broker: Broker,
+    base: Path,
+    messages: int,
+    prefetch: int,
+    metrics: bool,
+    scrapes: int = 0,
+    root: Path = ROOT,
+    idle: float = 0.0,
 ) -> dict[str, float]:
-    """The whole life of the daemon under callgrind; instructions of main and worker, each."""
+    """The whole life of the daemon under callgrind; instructions of main and worker, each.
+
+    ``root``: the checkout whose edm runs, with its own ``.venv`` when it is not this one;
+    ``idle``: seconds to keep it running once the messages are handled.
+    """
     name = unique_name("cg", "on" if metrics else "off")
     broker.declare(name)
     daemon = EdmDaemon(base / name, broker.url, name, prefetch, metrics)
     out = base / name / "cg"
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDM_")}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = str(root)
     env["PYTHONHASHSEED"] = "0"  # the same dict layouts in every run
+    python = sys.executable if root == ROOT else str(root / ".venv" / "bin" / "python")
     command = [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p",
-        sys.executable, "-m", "edm", "--config", str(daemon.config_path), "run",
+        python, "-m", "edm", "--config", str(daemon.config_path), "run",
     ]  # fmt: skip
     process = subprocess.Popen(
         command, cwd=daemon.base, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -85,6 +97,7 @@ def one_run(
         if messages:
             broker.prefill(name, bodies(messages, 100), messages)
             wait_lines(daemon.watch(), messages, pids=[main, worker], stall=300)
+        time.sleep(idle)  # consuming, nothing to do: what the daemon costs a second
         seconds = time.monotonic() - started
         scrapes = 0
         if scraper is not None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import pika
 from pika.adapters.base_connection import BaseConnection
-from pika.adapters.select_connection import IOLoop, PollPoller, SelectConnection
+from pika.adapters.select_connection import EPollPoller, IOLoop, PollPoller, SelectConnection
 from pika.adapters.utils import io_services_utils
 from pika.connection import Connection
 from pika.heartbeat import HeartbeatChecker
@@ -31,6 +31,8 @@ from pika.heartbeat import HeartbeatChecker
 from edm.internals import Private, missing
 
 log = logging.getLogger(__name__)
+
+_POLL_POLLERS = frozenset({PollPoller, EPollPoller})  # the pollers with a ``_poll`` object
 
 # Looked up, not imported: a release without them must not fail edm's import.
 _TransportBase: Any = getattr(io_services_utils, "_AsyncTransportBase", None)
@@ -158,7 +160,8 @@ class IOLoopHooks(IOLoop):  # type: ignore[misc]  # pika has no type hints for m
         """One wait of pika's poll/epoll poller: the (fd, events) it reports; None where the
         poller is of another kind or not active (``IOLoop.poll()`` does the job then)."""
         poller = self._poller
-        if not isinstance(poller, PollPoller) or poller._poll is None:
+        # the exact types: isinstance with pika's abstract poller base costs an ABC check a wait
+        if type(poller) not in _POLL_POLLERS or poller._poll is None:
             return None
         events: list[tuple[int, int]] = poller._poll.poll(poller._get_max_wait())
         return events
